@@ -1,0 +1,77 @@
+"""Session-wide real PostgreSQL and per-test databases; async tests run on anyio (asyncio)."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import pytest
+
+from tests.support.pg import EmbeddedPostgres, PgHarness
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        function = getattr(item, "function", None)
+        if function is not None and inspect.iscoroutinefunction(function):
+            item.add_marker(pytest.mark.anyio)
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def pg_admin_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A superuser DSN of the session's server: ``DATABASE_URL`` or an embedded one."""
+    url = os.environ.get("DATABASE_URL", "").strip()
+    if url:
+        yield url
+        return
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg-session"))
+    try:
+        yield server.admin_dsn
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def pg_harness(pg_admin_dsn: str) -> Iterator[PgHarness]:
+    harness = PgHarness.start(pg_admin_dsn)
+    try:
+        yield harness
+    finally:
+        harness.close()
+
+
+@pytest.fixture
+def database_url(pg_harness: PgHarness) -> Iterator[str]:
+    """A fresh, migrated database for this test alone."""
+    dsn = pg_harness.create_database()
+    try:
+        yield dsn
+    finally:
+        pg_harness.drop_database(dsn)
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to this test's database."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def private_postgres(tmp_path: os.PathLike[str]) -> Iterator[EmbeddedPostgres]:
+    """A server of this test's own, which it may stop and restart (not yet migrated)."""
+    server = EmbeddedPostgres(tmp_path)
+    try:
+        yield server
+    finally:
+        server.close()
