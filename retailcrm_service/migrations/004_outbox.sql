@@ -1,0 +1,42 @@
+-- The durable outbox of the RetailCRM service (issue 6). An accepted event is a committed row
+-- here; delivery workers in any number of instances claim due rows with FOR UPDATE SKIP LOCKED
+-- and a lease that lapses when a worker dies.
+--
+-- One incoming event becomes one or more rows, one per `kind`:
+--   popup   -> telephony/call/event (dial: in/out, live hangup: hangup); expires after a TTL
+--   history -> telephony/calls/upload (hangups, live or recovered); retried until delivered or dead
+--   note    -> nothing is sent; kept for attribution (bridge: who answered)
+-- Rows of one call are delivered in id order (a dial before its hangup).
+
+CREATE TABLE IF NOT EXISTS retailcrm_outbox (
+    id                bigserial PRIMARY KEY,
+    enterprise_number text        NOT NULL,
+    idempotency_key   text        NOT NULL,
+    kind              text        NOT NULL CHECK (kind IN ('popup', 'history', 'note')),
+    call_unique_id    text        NOT NULL,
+    event_type        text        NOT NULL,
+    origin            text        NOT NULL DEFAULT 'live',
+    payload           jsonb       NOT NULL,
+    occurred_at       timestamptz,
+    state             text        NOT NULL DEFAULT 'pending'
+        CHECK (state IN ('pending', 'delivered', 'expired', 'superseded', 'dead', 'skipped')),
+    due_at            timestamptz NOT NULL DEFAULT now(),
+    expires_at        timestamptz,
+    attempts          integer     NOT NULL DEFAULT 0,
+    last_error        text,
+    lease_owner       text,
+    lease_until       timestamptz,
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    finished_at       timestamptz,
+    CONSTRAINT retailcrm_outbox_idempotency UNIQUE (enterprise_number, idempotency_key, kind)
+);
+
+-- The claim query: pending rows by due time.
+CREATE INDEX IF NOT EXISTS retailcrm_outbox_due_idx
+    ON retailcrm_outbox (due_at, id) WHERE state = 'pending';
+-- Per-call ordering ("is an earlier row of this call still pending?") and attribution lookups.
+CREATE INDEX IF NOT EXISTS retailcrm_outbox_call_idx
+    ON retailcrm_outbox (enterprise_number, call_unique_id, id);
+-- Replay and per-enterprise statistics.
+CREATE INDEX IF NOT EXISTS retailcrm_outbox_state_idx
+    ON retailcrm_outbox (enterprise_number, state, created_at);
