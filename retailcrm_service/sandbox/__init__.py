@@ -1,0 +1,95 @@
+"""A local emulator of the RetailCRM API v5 telephony subset (``retailcrm-service sandbox``).
+
+It follows ``shared/docs/retailcrm-api.md`` (§9 first), not our client. Accounts are told apart by
+API key; an account's base URL (the ``domain`` a client is configured with) is the server's root,
+so requests go to ``<url>/api/v5/...``.
+
+In-process (tests)::
+
+    from retailcrm_service.sandbox import SandboxServer, AsyncSandboxServer
+
+    with SandboxServer(rate_limit=False) as crm:  # uvicorn in a thread, free 127.0.0.1 port
+        crm.url, crm.api_key                     # account base URL; key of the account "test"
+        crm.state()                              # == GET /_sandbox/state (dict)
+        crm.seed({...}); crm.reset(); crm.add_fault(endpoint="telephony/*", status=503)
+        crm.control.click_to_call(user_id=1, phone="+375291234567")  # HTTP control client
+
+    async with AsyncSandboxServer() as crm:       # same, served by the running event loop
+        await crm.control.set_user_status(user_id=1, status="busy")
+
+Both take keyword arguments: ``api_key`` (default: a random one), ``accounts`` (seed documents,
+replacing the default account), ``demo_data=True`` (the default account gets the demo users,
+customers and orders), ``config=SandboxConfig(...)``, ``rate_limit`` (overrides the config),
+``clock``, ``now``, ``sleep``, ``rng``, ``callback_transport``. ``create_sandbox_app(...)`` returns
+the bare Starlette app (``app.state.sandbox`` is the :class:`Sandbox` engine) with the same
+keywords plus ``api_keys=[...]`` (one full-access account per key).
+
+Seed document (``POST /_sandbox/seed {"accounts": [...]}``; an existing name is extended)::
+
+    {"name": "acme", "api_key": "KEY", "scopes": [...]  (default: every scope in SCOPES),
+     "api_keys": [{"key": "KEY2", "scopes": ["user_read"]}], "sites": ["main"], "exists": true,
+     "demo": false, "users": [{"id": 7, "firstName": "Ann", "status": "free", "online": true,
+     "groups": ["manager"], ...}], "customers": [{"id": 15, "phones": ["+79001234567"],
+     "managerId": 7, ...}], "orders": [{"id": 1, "customerId": 15, "managerId": 7, ...}]}
+
+Control API (JSON; errors as ``{"error": {"code", "message"}}``):
+
+- ``GET /_sandbox/state[?account=NAME]``: accounts (masked keys and scopes, sites, users,
+  customers, orders, ``modules`` with ``history``, ``events``, ``popups`` and ``openPopups`` per
+  user id, ``calls`` with ``duplicates`` counts, ``statusChanges``), ``requests`` (method, path,
+  masked query, ``auth`` {via, masked key}, decoded ``form``, status, response),
+  ``rateLimitRejections`` {count, recent}, ``callbacks`` (each with its response), ``faults``.
+- ``POST /_sandbox/reset``: back to the accounts the sandbox started with.
+- ``POST /_sandbox/seed``: see above.
+- ``POST|GET|DELETE /_sandbox/faults``: ``{"endpoint": "telephony/*" (glob over method names such as
+  ``telephony/call/event``, ``integration-modules/{code}/edit``), "method": "POST"?, "mode":
+  "error"|"down"|"timeout"|"latency", "status": 500|503, "error_rate": 1.0, "latency_ms": 0,
+  "times": N?, "timeout_seconds": 30}``. ``down`` answers 502 HTML, ``timeout`` stalls then 504.
+- ``POST /_sandbox/settings``: ``{"rate_limit": bool, "account_missing": bool,
+  "account_exists": bool, "account": NAME}`` (account missing: 404 JSON on GET, 405 HTML on POST).
+- ``POST /_sandbox/callbacks/click-to-call`` ``{"userId", "phone", "account"?, "site"?,
+  "method": "GET"|"POST", "module"?}`` -> ``makeCallUrl`` with clientId, code, phone, userId,
+  externalPhone; ``POST /_sandbox/callbacks/user-status`` ``{"userId", "status", "method"?}`` ->
+  updates the user, then ``changeUserStatusUrl`` with clientId, userId, code, status;
+  ``POST /_sandbox/callbacks/activity`` ``{"code", "active", "freeze"}`` -> POST form to
+  ``baseUrl`` + ``actions.activity`` with clientId, activity JSON, systemUrl. Each answers
+  ``{"callback": record | null}``; records (clientId masked) are also in the state.
+
+Choices where the doc says UNCONFIRMED (all switches in :class:`SandboxConfig`): missing key 401,
+wrong key 403, missing scope 403; ``Telephony not enabled`` 400; entity field errors 400
+``Errors in the entity format`` with an ``errors`` map; bad GET parameters 400
+``Errors in the input parameters``; module edit answers 201 on create, 200 on update, replaces the
+stored object and keeps only documented keys; an event needs the caller's key to own an active,
+unfrozen module with ``integrations.telephony``; a calls upload is all-or-nothing and
+``processedCallsCount`` counts the calls newly stored; rate limits are sliding one-second windows
+(the 11th request inside one second gets 503).
+"""
+
+from retailcrm_service.sandbox._config import SCOPES, SandboxConfig
+from retailcrm_service.sandbox._core import Sandbox
+from retailcrm_service.sandbox._errors import ApiError, ControlError, SandboxError
+from retailcrm_service.sandbox._http import create_sandbox_app
+from retailcrm_service.sandbox._server import (
+    AsyncSandboxControl,
+    AsyncSandboxServer,
+    SandboxControl,
+    SandboxServer,
+    serve,
+)
+from retailcrm_service.sandbox._state import mask
+
+__all__ = [
+    "SCOPES",
+    "ApiError",
+    "AsyncSandboxControl",
+    "AsyncSandboxServer",
+    "ControlError",
+    "Sandbox",
+    "SandboxConfig",
+    "SandboxControl",
+    "SandboxError",
+    "SandboxServer",
+    "create_sandbox_app",
+    "mask",
+    "serve",
+]

@@ -1,0 +1,323 @@
+"""Running the sandbox: under uvicorn in a thread or a task group, and as a CLI process."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from types import TracebackType
+from typing import Any
+
+import anyio
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+
+from retailcrm_service.sandbox._config import SCOPES, SandboxConfig
+from retailcrm_service.sandbox._core import Sandbox
+from retailcrm_service.sandbox._http import create_sandbox_app
+
+logger = logging.getLogger(__name__)
+_START_DEADLINE = 10.0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without signal handling: the embedding test or thread owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _bind(host: str, port: int = 0) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def _uvicorn(app: Starlette) -> _Server:
+    config = uvicorn.Config(
+        app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=1
+    )
+    return _Server(config)
+
+
+def _accounts(
+    api_key: str | None, accounts: Sequence[dict[str, Any]], demo_data: bool
+) -> tuple[list[dict[str, Any]], str]:
+    """The accounts to start with and the key ``.api_key`` exposes (generated when none given)."""
+    if accounts:
+        first = accounts[0]
+        key = first.get("api_key") or next(
+            (k["key"] if isinstance(k, dict) else k for k in first.get("api_keys", [])), ""
+        )
+        return list(accounts), str(key)
+    key = api_key or secrets.token_hex(16)
+    spec = {"name": "test", "api_key": key, "scopes": sorted(SCOPES), "demo": demo_data}
+    return [spec], key
+
+
+class _Runner:
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        accounts: Sequence[dict[str, Any]] = (),
+        demo_data: bool = True,
+        config: SandboxConfig | None = None,
+        rate_limit: bool | None = None,
+        host: str = "127.0.0.1",
+        **app_options: Any,
+    ) -> None:
+        seed, self.api_key = _accounts(api_key, accounts, demo_data)
+        self.app = create_sandbox_app(
+            accounts=seed, config=config, rate_limit=rate_limit, **app_options
+        )
+        self.sandbox: Sandbox = self.app.state.sandbox
+        self._host = host
+        self._sock = _bind(host)
+        self.port: int = self._sock.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        self._server = _uvicorn(self.app)
+
+    def state(self, account: str | None = None) -> dict[str, Any]:
+        """A snapshot of everything the sandbox recorded (same as ``GET /_sandbox/state``)."""
+        return self.sandbox.state.view(account=account)
+
+    def seed(self, *accounts: dict[str, Any]) -> None:
+        self.sandbox.seed(accounts)
+
+    def reset(self) -> None:
+        self.sandbox.reset()
+
+    def add_fault(self, **spec: Any) -> dict[str, Any]:
+        return self.sandbox.add_fault(spec)
+
+    def clear_faults(self) -> None:
+        self.sandbox.clear_faults()
+
+
+class SandboxServer(_Runner):
+    """``with SandboxServer() as crm:`` — the sandbox on a free 127.0.0.1 port, in a thread."""
+
+    def __enter__(self) -> SandboxServer:
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + _START_DEADLINE
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the sandbox server did not start")
+            time.sleep(0.005)
+        self.control = SandboxControl(self.url)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.control.close()
+        self._server.should_exit = True
+        self._thread.join(timeout=_START_DEADLINE)
+        self._sock.close()
+
+
+class AsyncSandboxServer(_Runner):
+    """``async with AsyncSandboxServer() as crm:`` — the same, served by this event loop."""
+
+    async def __aenter__(self) -> AsyncSandboxServer:
+        self._group = anyio.create_task_group()
+        await self._group.__aenter__()
+        self._group.start_soon(self._server.serve, [self._sock])
+        with anyio.fail_after(_START_DEADLINE):
+            # uvicorn offers no "started" event to wait on, only this flag.
+            while not self._server.started:  # noqa: ASYNC110
+                await anyio.sleep(0.005)
+        self.control = AsyncSandboxControl(self.url)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await self.control.aclose()
+            self._server.should_exit = True
+        finally:
+            await self._group.__aexit__(exc_type, exc, tb)
+            self._sock.close()
+
+
+def _click_spec(**kw: Any) -> dict[str, Any]:
+    return {
+        "account": kw["account"],
+        "userId": kw["user_id"],
+        "phone": kw["phone"],
+        "site": kw["site"],
+        "method": kw["method"],
+        "module": kw["module"],
+    }
+
+
+class SandboxControl:
+    """A blocking client of the ``/_sandbox/`` control API (for other processes and threads)."""
+
+    def __init__(self, base_url: str, *, timeout: float = 10.0) -> None:
+        self._http = httpx.Client(base_url=base_url, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        reply = self._http.request(method, f"/_sandbox/{path}", json=body)
+        reply.raise_for_status()
+        return reply.json()
+
+    def state(self, account: str | None = None) -> dict[str, Any]:
+        return self._http.get(
+            "/_sandbox/state", params={"account": account} if account else {}
+        ).json()
+
+    def reset(self) -> None:
+        self._call("POST", "reset")
+
+    def seed(self, *accounts: dict[str, Any]) -> dict[str, Any]:
+        return self._call("POST", "seed", {"accounts": list(accounts)})  # type: ignore[no-any-return]
+
+    def add_fault(self, **spec: Any) -> dict[str, Any]:
+        return self._call("POST", "faults", spec)  # type: ignore[no-any-return]
+
+    def clear_faults(self) -> None:
+        self._call("DELETE", "faults")
+
+    def settings(self, **values: Any) -> dict[str, Any]:
+        return self._call("POST", "settings", values)  # type: ignore[no-any-return]
+
+    def click_to_call(
+        self,
+        *,
+        user_id: int,
+        phone: str,
+        account: str | None = None,
+        site: str | None = None,
+        method: str = "GET",
+        module: str | None = None,
+    ) -> dict[str, Any]:
+        spec = _click_spec(
+            account=account, user_id=user_id, phone=phone, site=site, method=method, module=module
+        )
+        return self._call("POST", "callbacks/click-to-call", spec)["callback"]  # type: ignore[no-any-return]
+
+    def set_user_status(
+        self, *, user_id: int, status: str, account: str | None = None, method: str = "GET"
+    ) -> dict[str, Any] | None:
+        spec = {"account": account, "userId": user_id, "status": status, "method": method}
+        return self._call("POST", "callbacks/user-status", spec)["callback"]  # type: ignore[no-any-return]
+
+    def activity(
+        self, *, code: str, active: bool, freeze: bool = False, account: str | None = None
+    ) -> dict[str, Any] | None:
+        spec = {"account": account, "code": code, "active": active, "freeze": freeze}
+        return self._call("POST", "callbacks/activity", spec)["callback"]  # type: ignore[no-any-return]
+
+
+class AsyncSandboxControl:
+    """The same control client for async code."""
+
+    def __init__(self, base_url: str, *, timeout: float = 10.0) -> None:
+        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        reply = await self._http.request(method, f"/_sandbox/{path}", json=body)
+        reply.raise_for_status()
+        return reply.json()
+
+    async def state(self, account: str | None = None) -> dict[str, Any]:
+        params = {"account": account} if account else {}
+        return (await self._http.get("/_sandbox/state", params=params)).json()  # type: ignore[no-any-return]
+
+    async def reset(self) -> None:
+        await self._call("POST", "reset")
+
+    async def seed(self, *accounts: dict[str, Any]) -> dict[str, Any]:
+        return await self._call("POST", "seed", {"accounts": list(accounts)})  # type: ignore[no-any-return]
+
+    async def add_fault(self, **spec: Any) -> dict[str, Any]:
+        return await self._call("POST", "faults", spec)  # type: ignore[no-any-return]
+
+    async def clear_faults(self) -> None:
+        await self._call("DELETE", "faults")
+
+    async def settings(self, **values: Any) -> dict[str, Any]:
+        return await self._call("POST", "settings", values)  # type: ignore[no-any-return]
+
+    async def click_to_call(
+        self,
+        *,
+        user_id: int,
+        phone: str,
+        account: str | None = None,
+        site: str | None = None,
+        method: str = "GET",
+        module: str | None = None,
+    ) -> dict[str, Any]:
+        spec = _click_spec(
+            account=account, user_id=user_id, phone=phone, site=site, method=method, module=module
+        )
+        return (await self._call("POST", "callbacks/click-to-call", spec))["callback"]  # type: ignore[no-any-return]
+
+    async def set_user_status(
+        self, *, user_id: int, status: str, account: str | None = None, method: str = "GET"
+    ) -> dict[str, Any] | None:
+        spec = {"account": account, "userId": user_id, "status": status, "method": method}
+        return (await self._call("POST", "callbacks/user-status", spec))["callback"]  # type: ignore[no-any-return]
+
+    async def activity(
+        self, *, code: str, active: bool, freeze: bool = False, account: str | None = None
+    ) -> dict[str, Any] | None:
+        spec = {"account": account, "code": code, "active": active, "freeze": freeze}
+        return (await self._call("POST", "callbacks/activity", spec))["callback"]  # type: ignore[no-any-return]
+
+
+def serve(
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8090,
+    api_keys: Sequence[str] = (),
+    rate_limit: bool = True,
+) -> None:
+    """``retailcrm-service sandbox``: one account per key (or a demo account), until interrupted."""
+    if api_keys:
+        accounts = [
+            {"name": f"account-{i}", "api_key": key, "scopes": sorted(SCOPES), "demo": True}
+            for i, key in enumerate(api_keys, start=1)
+        ]
+        generated = None
+    else:
+        generated = secrets.token_hex(16)
+        accounts = [{"name": "demo", "api_key": generated, "scopes": sorted(SCOPES), "demo": True}]
+    app = create_sandbox_app(accounts=accounts, rate_limit=rate_limit)
+    sock = _bind(host, port)
+    print(f"RetailCRM sandbox: http://{host}:{sock.getsockname()[1]}", flush=True)
+    print(f"state: http://{host}:{sock.getsockname()[1]}/_sandbox/state", flush=True)
+    if generated is not None:
+        # Printed once for the operator; the sandbox itself only ever shows it masked.
+        print(f"demo account API key: {generated}", flush=True)
+    logger.info("sandbox.started accounts=%d rate_limit=%s", len(accounts), rate_limit)
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=1)
+    )
+    server.run(sockets=[sock])
