@@ -1,0 +1,177 @@
+"""AsteriskControl against a real OpenSSH sshd on loopback with a recording ``asterisk`` stub."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from retailcrm_service.asterisk import (
+    AsteriskControl,
+    AsteriskTimeout,
+    AsteriskUnavailable,
+    ChannelNotFound,
+    HostKeyRejected,
+    InvalidArgument,
+)
+from tests.support.sshd import SshServer
+
+HOST = "127.0.0.1"
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
+    with SshServer.start(tmp_path_factory.mktemp("sshd")) as server:
+        yield server
+
+
+@pytest.fixture
+def server(sshd: SshServer) -> SshServer:
+    sshd.reset()
+    return sshd
+
+
+async def test_redirect_runs_exactly_the_documented_command(server: SshServer) -> None:
+    async with AsteriskControl(settings=server.settings()) as asterisk:
+        result = await asterisk.redirect(HOST, "SIP/150-0000a1b2", "151")
+    assert server.calls() == [
+        ["asterisk", "-rx", "channel redirect SIP/150-0000a1b2 inoffice,151,1"]
+    ]
+    assert "successfully redirected" in result.stdout
+
+
+async def test_originate_runs_exactly_the_documented_command(server: SshServer) -> None:
+    async with AsteriskControl(settings=server.settings()) as asterisk:
+        await asterisk.originate(HOST, "150", "+375 29 123-45-67")
+    assert server.calls() == [
+        [
+            "asterisk",
+            "-rx",
+            "channel originate LOCAL/150@web-originate application Dial "
+            "LOCAL/+375291234567@inoffice",
+        ]
+    ]
+
+
+async def test_local_channel_with_semicolon_half_reaches_asterisk_intact(
+    server: SshServer,
+) -> None:
+    async with AsteriskControl(settings=server.settings()) as asterisk:
+        await asterisk.redirect(HOST, "Local/150@ctx-0000001;1", "152", context="mngr5_0001363_1")
+    assert server.calls() == [
+        ["asterisk", "-rx", "channel redirect Local/150@ctx-0000001;1 mngr5_0001363_1,152,1"]
+    ]
+
+
+async def test_channel_listing_is_parsed_from_the_host(server: SshServer) -> None:
+    server.set_channels(
+        "SIP/150-0000a1b2!inoffice!150!1!Up!Dial!SIP/151,30!375291234567!!!3!12!br!1757840723.6\n"
+    )
+    async with AsteriskControl(settings=server.settings()) as asterisk:
+        channels = await asterisk.list_channels(HOST)
+    assert [(c.name, c.unique_id) for c in channels] == [("SIP/150-0000a1b2", "1757840723.6")]
+    assert server.calls() == [["asterisk", "-rx", "core show channels concise"]]
+
+
+HOSTILE_CHANNELS = ["SIP/150-0000a1b2; touch /tmp/pwned", "SIP/$(reboot)", "SIP/150' ; id ; '"]
+HOSTILE_PHONES = ["375291234567; reboot", "$(id)", "+375`id`", "375 29\nreboot"]
+
+
+async def test_hostile_arguments_are_refused_before_any_ssh(server: SshServer) -> None:
+    async with AsteriskControl(settings=server.settings()) as asterisk:
+        for channel in HOSTILE_CHANNELS:
+            with pytest.raises(InvalidArgument):
+                await asterisk.redirect(HOST, channel, "150")
+        for phone in HOSTILE_PHONES:
+            with pytest.raises(InvalidArgument):
+                await asterisk.originate(HOST, "150", phone)
+        with pytest.raises(InvalidArgument):
+            await asterisk.originate("127.0.0.1 -oProxyCommand=id", "150", "375291234567")
+        assert asterisk.stats()["connects"] == 0
+    assert server.calls() == []
+
+
+async def test_unknown_host_key_is_refused(server: SshServer, tmp_path: Path) -> None:
+    impostor = asyncssh.generate_private_key("ssh-ed25519")
+    known = server.write_known_hosts(tmp_path / "known_hosts", key=impostor)
+    async with AsteriskControl(settings=server.settings(known_hosts=str(known))) as asterisk:
+        with pytest.raises(HostKeyRejected):
+            await asterisk.originate(HOST, "150", "375291234567")
+    assert server.calls() == []
+
+
+async def test_host_missing_from_known_hosts_is_refused(server: SshServer, tmp_path: Path) -> None:
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    async with AsteriskControl(settings=server.settings(known_hosts=str(empty))) as asterisk:
+        with pytest.raises(HostKeyRejected):
+            await asterisk.redirect(HOST, "SIP/150-0000a1b2", "151")
+    missing = server.settings(known_hosts=str(tmp_path / "absent"))
+    async with AsteriskControl(settings=missing) as asterisk:
+        with pytest.raises(HostKeyRejected):
+            await asterisk.redirect(HOST, "SIP/150-0000a1b2", "151")
+    assert server.calls() == []
+
+
+async def test_a_key_the_host_does_not_authorise_is_refused(
+    server: SshServer, tmp_path: Path
+) -> None:
+    stranger = tmp_path / "stranger"
+    asyncssh.generate_private_key("ssh-ed25519").write_private_key(str(stranger))
+    async with AsteriskControl(settings=server.settings(key_path=str(stranger))) as asterisk:
+        with pytest.raises(AsteriskUnavailable):
+            await asterisk.originate(HOST, "150", "375291234567")
+    assert server.calls() == []
+
+
+async def test_one_connection_is_reused_and_closed_when_idle(server: SshServer) -> None:
+    now = [1000.0]
+    settings = server.settings(idle_close=60.0)
+    async with AsteriskControl(settings=settings, clock=lambda: now[0]) as asterisk:
+        await asyncio.gather(
+            *(asterisk.redirect(HOST, f"SIP/15{i}-0000a1b2", "151") for i in range(5))
+        )
+        assert asterisk.stats()["connects"] == 1
+        now[0] += 30
+        assert await asterisk.close_idle() == 0
+        now[0] += 31
+        assert await asterisk.close_idle() == 1
+        assert asterisk.stats()["open_connections"] == 0
+        await asterisk.originate(HOST, "150", "375291234567")
+        assert asterisk.stats()["connects"] == 2
+    assert len(server.calls()) == 6
+
+
+async def test_a_hung_command_times_out(server: SshServer) -> None:
+    server.set_delay(3)
+    async with AsteriskControl(settings=server.settings(command_timeout=0.5)) as asterisk:
+        with pytest.raises(AsteriskTimeout):
+            await asterisk.originate(HOST, "150", "375291234567")
+
+
+async def test_redirect_of_a_vanished_channel_reports_channel_not_found(
+    server: SshServer,
+) -> None:
+    server.set_gone_channels("SIP/150-0000dead")
+    async with AsteriskControl(settings=server.settings()) as asterisk:
+        with pytest.raises(ChannelNotFound):
+            await asterisk.redirect(HOST, "SIP/150-0000dead", "151")
+
+
+async def test_background_jobs_finish_before_close_and_none_start_after(
+    server: SshServer,
+) -> None:
+    done: list[str] = []
+
+    async def job() -> None:
+        await asterisk.originate(HOST, "150", "375291234567")
+        done.append("ok")
+
+    async with AsteriskControl(settings=server.settings()) as asterisk:
+        assert asterisk.spawn(job(), name="click-to-call")
+    assert done == ["ok"]
+    assert not asterisk.spawn(job(), name="too-late")
+    assert len(server.calls()) == 1
