@@ -85,8 +85,8 @@ class MappingConfig:
         extensions = config.get("user_extensions")
         site = config.get("site")
         return cls(
-            timezone=_valid_zone(config.get("timezone")) or DEFAULT_TIMEZONE,
-            account_timezone=_valid_zone(config.get("account_timezone")),
+            timezone=valid_timezone(config.get("timezone")) or DEFAULT_TIMEZONE,
+            account_timezone=valid_timezone(config.get("account_timezone")),
             user_extensions=dict(extensions) if isinstance(extensions, Mapping) else {},
             internal_calls=config.get("internal_calls") is True,
             site=site if isinstance(site, str) and site else None,
@@ -332,7 +332,8 @@ def _zone(name: str) -> ZoneInfo:
         raise ValueError(f"unknown timezone {name!r}") from exc
 
 
-def _valid_zone(raw: Any) -> str | None:
+def valid_timezone(raw: Any) -> str | None:
+    """``raw`` when it names a known timezone, else None."""
     if not isinstance(raw, str) or not raw:
         return None
     try:

@@ -2,17 +2,22 @@
 -- here; delivery workers in any number of instances claim due rows with FOR UPDATE SKIP LOCKED
 -- and a lease that lapses when a worker dies.
 --
--- One incoming event becomes one or more rows, one per `kind`:
+-- One accepted event is one row; the idempotency key is unique per enterprise. `kind` is the
+-- stage the row is in:
 --   popup   -> telephony/call/event (dial: in/out, live hangup: hangup); expires after a TTL
 --   history -> telephony/calls/upload (hangups, live or recovered); retried until delivered or dead
 --   note    -> nothing is sent; kept for attribution (bridge: who answered)
--- Rows of one call are delivered in id order (a dial before its hangup).
+-- A live hangup starts as `popup` with has_history; once its popup is settled (popup_state) it
+-- moves on to `history` in place. Rows of one call are delivered in id order (a dial before its
+-- hangup).
 
 CREATE TABLE IF NOT EXISTS retailcrm_outbox (
     id                bigserial PRIMARY KEY,
     enterprise_number text        NOT NULL,
     idempotency_key   text        NOT NULL,
     kind              text        NOT NULL CHECK (kind IN ('popup', 'history', 'note')),
+    has_history       boolean     NOT NULL DEFAULT false,
+    popup_state       text,
     call_unique_id    text        NOT NULL,
     event_type        text        NOT NULL,
     origin            text        NOT NULL DEFAULT 'live',
@@ -28,7 +33,7 @@ CREATE TABLE IF NOT EXISTS retailcrm_outbox (
     lease_until       timestamptz,
     created_at        timestamptz NOT NULL DEFAULT now(),
     finished_at       timestamptz,
-    CONSTRAINT retailcrm_outbox_idempotency UNIQUE (enterprise_number, idempotency_key, kind)
+    CONSTRAINT retailcrm_outbox_idempotency UNIQUE (enterprise_number, idempotency_key)
 );
 
 -- The claim query: pending rows by due time.

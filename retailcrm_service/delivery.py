@@ -1,0 +1,492 @@
+"""Delivery workers: outbox rows -> RetailCRM, paced per API key, behind per-enterprise breakers.
+
+``DeliveryService`` is an async context manager owned by the app lifespan. Its loop claims due rows
+(``OutboxStore.claim``: SKIP LOCKED, leased, in order per call), groups them per enterprise and runs
+one task per enterprise (so one slow or failing account never holds up the others, and each
+account gets at most one request in flight from this instance). Popups go out one by one as
+``telephony/call/event``; history goes out as ``telephony/calls/upload`` in batches of up to 50.
+
+Failures: a 503/429 slows the API key down (``Pacer.penalise``) and retries soon; connection
+errors, timeouts and 5xx feed the enterprise's breaker (``vochi_crm_client._breaker``) and retry
+with persisted backoff; while the breaker is open rows are deferred without using up attempts;
+other 4xx answers are final (dead-lettered: retrying cannot fix them). Every attempt is written
+to ``integration_logs`` with the call's ``call_unique_id`` (secrets masked by the writer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Protocol
+
+import asyncpg
+import httpx
+
+from retailcrm_service.mapping import (
+    DEFAULT_TIMEZONE,
+    KIND_HISTORY,
+    KIND_POPUP,
+    MappingConfig,
+    Skip,
+    history_call,
+    popup_event,
+    upload_batches,
+    valid_timezone,
+)
+from retailcrm_service.outbox import OutboxConfig, OutboxRow, OutboxStore, Outcome
+from retailcrm_service.pacing import Pacer, PacingConfig
+from retailcrm_service.retailcrm_api import (
+    RetailCrmApiError,
+    RetailCrmClient,
+    RetailCrmError,
+    RetailCrmRateLimited,
+)
+from vochi_crm_client._breaker import Breaker
+from vochi_crm_client._config import BreakerConfig
+
+logger = logging.getLogger(__name__)
+
+CALL_EVENT = "telephony/call/event"
+CALLS_UPLOAD = "telephony/calls/upload"
+
+
+class ConfigSource(Protocol):
+    async def get(self, number: str) -> Any: ...
+
+
+class LogSink(Protocol):
+    def write(
+        self,
+        enterprise_number: str,
+        event_type: str,
+        *,
+        request_data: Any,
+        response_data: Any,
+        status: str,
+        error_message: str | None = None,
+        call_unique_id: str | None = None,
+        redact: Any = (),
+    ) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeliveryConfig:
+    """Worker policy; defaults are production values."""
+
+    claim_batch: int = 200
+    max_enterprises: int = 32
+    poll_interval: float = 0.5
+    sweep_interval: float = 1.0
+    rate_limit_retry: float = 1.0
+    upload_batch: int = 50
+    request_timeout: float = 3.0
+    close_timeout: float = 5.0
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    pacing: PacingConfig = field(default_factory=PacingConfig)
+
+    def __post_init__(self) -> None:
+        if self.claim_batch < 1 or self.max_enterprises < 1 or not 1 <= self.upload_batch <= 50:
+            raise ValueError("claim_batch, max_enterprises >= 1 and upload_batch in 1..50")
+        if self.poll_interval <= 0 or self.sweep_interval <= 0 or self.request_timeout <= 0:
+            raise ValueError("intervals and timeouts must be positive")
+
+
+@dataclass(slots=True)
+class EnterpriseCounters:
+    delivered: int = 0
+    popups_delivered: int = 0
+    calls_uploaded: int = 0
+    failed: int = 0
+    expired: int = 0
+    superseded: int = 0
+    dead: int = 0
+    skipped: int = 0
+    deferred: int = 0
+    rate_limited: int = 0
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
+
+    def snapshot(self) -> dict[str, Any]:
+        lat = sorted(self.latencies)
+        return {
+            "delivered": self.delivered,
+            "popups_delivered": self.popups_delivered,
+            "calls_uploaded": self.calls_uploaded,
+            "failed": self.failed,
+            "expired": self.expired,
+            "superseded": self.superseded,
+            "dead": self.dead,
+            "skipped": self.skipped,
+            "deferred": self.deferred,
+            "rate_limited": self.rate_limited,
+            "latency_p50_ms": _quantile(lat, 0.5),
+            "latency_p99_ms": _quantile(lat, 0.99),
+            "latency_max_ms": round(lat[-1] * 1000, 1) if lat else 0.0,
+        }
+
+
+def _quantile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 1)
+
+
+def default_owner() -> str:
+    """A lease owner name unique to this process."""
+    return f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}"
+
+
+class DeliveryService:
+    """The delivery workers of one service instance (see module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        pool: asyncpg.Pool,
+        configs: ConfigSource,
+        logs: LogSink | None = None,
+        http: httpx.AsyncClient | None = None,
+        config: DeliveryConfig | None = None,
+        outbox: OutboxConfig | None = None,
+        owner: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config or DeliveryConfig()
+        self._rng = rng or random.Random()
+        self.store = OutboxStore(
+            pool=pool, owner=owner or default_owner(), config=outbox, rng=self._rng
+        )
+        self._configs = configs
+        self._logs = logs
+        self._http = http
+        self._own_http = http is None
+        self._clock = clock
+        self.pacer = Pacer(config=self.config.pacing, clock=clock, sleep=sleep)
+        self._breakers: dict[str, Breaker] = {}
+        self._counters: dict[str, EnterpriseCounters] = {}
+        self._busy: set[str] = set()
+        self._wakeup = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._tasks: asyncio.TaskGroup | None = None
+        self._backlog: dict[str, Any] = {}
+        self.loop_errors = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> DeliveryService:
+        if self._http is None:
+            self._http = httpx.AsyncClient(
+                timeout=self.config.request_timeout,
+                limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+            )
+        self._tasks = asyncio.TaskGroup()
+        await self._tasks.__aenter__()
+        self._tasks.create_task(self._run())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stopping.set()
+        self._wakeup.set()
+        assert self._tasks is not None
+        try:
+            async with asyncio.timeout(self.config.close_timeout):
+                await self._tasks.__aexit__(None, None, None)
+        except TimeoutError:
+            logger.warning("delivery.close_timeout: in-flight rows stay leased until expiry")
+        finally:
+            self._tasks = None
+            if self._own_http and self._http is not None:
+                await self._http.aclose()
+
+    def wake(self) -> None:
+        """New rows were committed: claim now instead of at the next poll."""
+        self._wakeup.set()
+
+    # -- observability ----------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        totals = EnterpriseCounters()
+        for c in self._counters.values():
+            for name in ("delivered", "failed", "expired", "superseded", "dead", "skipped"):
+                setattr(totals, name, getattr(totals, name) + getattr(c, name))
+            totals.latencies.extend(c.latencies)
+        return {
+            "owner": self.store.owner,
+            "backlog": dict(self._backlog),
+            "totals": totals.snapshot(),
+            "enterprises": {n: c.snapshot() for n, c in sorted(self._counters.items())},
+            "breakers": {n: b.stats()["state"] for n, b in sorted(self._breakers.items())},
+            "loop_errors": self.loop_errors,
+        }
+
+    async def health(self) -> dict[str, Any]:
+        """Backlog and the oldest due event, read from the database now."""
+        self._backlog = await self.store.backlog()
+        return dict(self._backlog)
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        assert self._tasks is not None
+        last_sweep = float("-inf")
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                if self._clock() - last_sweep >= self.config.sweep_interval:
+                    last_sweep = self._clock()
+                    await self._sweep()
+                claimed = await self._claim()
+                failures = 0
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                self.loop_errors += 1
+                failures += 1
+                logger.warning("delivery.loop_error error=%s", type(exc).__name__)
+                await self._idle(min(5.0, 0.2 * 2**failures))
+                continue
+            if not claimed:
+                await self._idle(self.config.poll_interval)
+
+    async def _idle(self, seconds: float) -> None:
+        try:
+            async with asyncio.timeout(seconds):
+                await self._wakeup.wait()
+        except TimeoutError:
+            pass
+        self._wakeup.clear()
+
+    async def _sweep(self) -> None:
+        swept = await self.store.sweep()
+        for number in swept["expired"]:
+            self._count(number).expired += 1
+        for number in swept["superseded"]:
+            self._count(number).superseded += 1
+        self._backlog = await self.store.backlog()
+
+    async def _claim(self) -> bool:
+        assert self._tasks is not None
+        if len(self._busy) >= self.config.max_enterprises:
+            return False
+        rows = await self.store.claim(self.config.claim_batch, exclude=sorted(self._busy))
+        by_enterprise: dict[str, list[OutboxRow]] = {}
+        for row in rows:
+            by_enterprise.setdefault(row.enterprise_number, []).append(row)
+        for number, batch in by_enterprise.items():
+            self._busy.add(number)
+            self._tasks.create_task(self._deliver_enterprise(number, batch))
+        return bool(rows)
+
+    async def _deliver_enterprise(self, number: str, rows: list[OutboxRow]) -> None:
+        outcomes: list[Outcome] = []
+        try:
+            outcomes = await self._attempt(number, rows)
+            await self.store.settle(outcomes)
+            self._record(number, outcomes)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            # The leases lapse and the rows are claimed again: at-least-once, never lost.
+            logger.warning("delivery.settle_failed enterprise=%s error=%s", number, exc)
+        finally:
+            self._busy.discard(number)
+            self._wakeup.set()
+
+    async def _attempt(self, number: str, rows: list[OutboxRow]) -> list[Outcome]:
+        config = await self._configs.get(number)
+        if config is None or not getattr(config, "is_on", False):
+            reason = "unknown enterprise" if config is None else "retailcrm disabled"
+            return [Outcome(row, "skipped", reason) for row in rows]
+        mapping = MappingConfig(
+            timezone=_valid_timezone(getattr(config, "timezone", None)),
+            user_extensions=dict(getattr(config, "user_extensions", {}) or {}),
+            internal_calls=bool(getattr(config, "internal_calls", False)),
+        )
+        assert self._http is not None
+        client = RetailCrmClient(
+            domain=config.domain,
+            api_key=config.api_key,
+            http=self._http,
+            timeout=self.config.request_timeout,
+        )
+        sender = _Sender(self, number, client, config.api_key, mapping)
+        outcomes: list[Outcome] = []
+        for row in rows:
+            if row.kind == KIND_POPUP:
+                outcomes.append(await sender.popup(row))
+        history = [row for row in rows if row.kind == KIND_HISTORY]
+        if history:
+            bridges = await self.store.bridges(number, [r.call_unique_id for r in history])
+            outcomes.extend(await sender.history(history, bridges))
+        return outcomes
+
+    def _record(self, number: str, outcomes: Sequence[Outcome]) -> None:
+        counters = self._count(number)
+        now = datetime.now(UTC)
+        for outcome in outcomes:
+            if outcome.result == "delivered":
+                counters.delivered += 1
+                counters.latencies.append(max(0.0, (now - outcome.row.created_at).total_seconds()))
+            elif outcome.result in ("dead", "skipped"):
+                setattr(counters, outcome.result, getattr(counters, outcome.result) + 1)
+            elif outcome.result == "deferred":
+                counters.deferred += 1
+
+    def _count(self, number: str) -> EnterpriseCounters:
+        counters = self._counters.get(number)
+        if counters is None:
+            counters = self._counters[number] = EnterpriseCounters()
+        return counters
+
+    def _breaker(self, number: str) -> Breaker:
+        breaker = self._breakers.get(number)
+        if breaker is None:
+            breaker = self._breakers[number] = Breaker(self.config.breaker, rng=self._rng)
+        return breaker
+
+
+class _Sender:
+    """Sends one enterprise's claimed rows through its breaker and its key's pacer."""
+
+    def __init__(
+        self,
+        service: DeliveryService,
+        number: str,
+        client: RetailCrmClient,
+        api_key: Any,
+        mapping: MappingConfig,
+    ) -> None:
+        self._service = service
+        self._number = number
+        self._client = client
+        self._key = api_key.get_secret_value()
+        self._mapping = mapping
+
+    async def popup(self, row: OutboxRow) -> Outcome:
+        if row.expires_at is not None and row.expires_at < datetime.now(UTC):
+            self._service._count(self._number).expired += 1
+            return Outcome(row, "expired", "popup expired")
+        event = popup_event(row.event_type, row.payload, self._mapping)
+        if isinstance(event, Skip):
+            return Outcome(row, "skipped", event.reason)
+        error = await self._call(CALL_EVENT, [row], event)
+        if error is None:
+            self._service._count(self._number).popups_delivered += 1
+            return Outcome(row, "delivered")
+        return error[0]
+
+    async def history(self, rows: list[OutboxRow], bridges: dict[str, list]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        mapped: list[tuple[OutboxRow, dict[str, Any]]] = []
+        for row in rows:
+            call = history_call(row.payload, self._mapping, bridges.get(row.call_unique_id, []))
+            if isinstance(call, Skip):
+                outcomes.append(Outcome(row, "skipped", call.reason))
+            else:
+                mapped.append((row, call))
+        size = self._service.config.upload_batch
+        for batch in upload_batches([{"row": r, "call": c} for r, c in mapped], size):
+            outcomes.extend(
+                await self._upload([b["row"] for b in batch], [b["call"] for b in batch])
+            )
+        return outcomes
+
+    async def _upload(self, rows: list[OutboxRow], calls: list[dict[str, Any]]) -> list[Outcome]:
+        error = await self._call(CALLS_UPLOAD, rows, calls)
+        if error is None:
+            self._service._count(self._number).calls_uploaded += len(rows)
+            return [Outcome(row, "delivered") for row in rows]
+        if len(rows) > 1 and error[0].result == "dead":
+            # One bad call must not sink its batch: find it by sending them one by one.
+            outcomes: list[Outcome] = []
+            for row, call in zip(rows, calls, strict=True):
+                outcomes.extend(await self._upload([row], [call]))
+            return outcomes
+        return error
+
+    async def _call(self, method: str, rows: list[OutboxRow], body: Any) -> list[Outcome] | None:
+        """Make one request; None on success, else the outcome for every row."""
+        service = self._service
+        breaker = service._breaker(self._number)
+        permit = breaker.acquire(service._clock())
+        if permit is None:
+            wait = max(0.05, breaker.retry_in(service._clock()))
+            return [Outcome(row, "deferred", "breaker open", retry_after=wait) for row in rows]
+        ok = False
+        cancelled = False
+        try:
+            await service.pacer.acquire(self._key, method)
+            if method == CALL_EVENT:
+                response: Any = await self._client.call_event(body)
+            else:
+                result = await self._client.calls_upload(body)
+                response = {
+                    "processedCallsCount": result.processed_calls_count,
+                    "duplicateCalls": list(result.duplicate_calls),
+                }
+            ok = True
+            self._log(method, rows, body, response, None)
+            return None
+        except RetailCrmRateLimited as exc:
+            ok = True  # RetailCRM is up; we were too fast
+            service.pacer.penalise(self._key)
+            service._count(self._number).rate_limited += 1
+            self._log(method, rows, body, None, exc)
+            wait = exc.retry_after or service.config.rate_limit_retry
+            return [Outcome(row, "retry", str(exc), retry_after=wait) for row in rows]
+        except RetailCrmApiError as exc:
+            ok = True  # a definite answer: retrying the same request cannot succeed
+            self._log(method, rows, body, {"errorMsg": exc.error_msg, "errors": exc.errors}, exc)
+            service._count(self._number).failed += 1
+            return [Outcome(row, "dead", f"{exc.status}: {exc.error_msg}") for row in rows]
+        except RetailCrmError as exc:
+            self._log(method, rows, body, None, exc)
+            service._count(self._number).failed += 1
+            return [Outcome(row, "retry", str(exc)) for row in rows]
+        except asyncio.CancelledError:
+            cancelled = True
+            breaker.release(permit)
+            raise
+        finally:
+            if not cancelled:
+                breaker.record(permit, ok, service._clock())
+
+    def _log(
+        self,
+        method: str,
+        rows: list[OutboxRow],
+        body: Any,
+        response: Any,
+        error: RetailCrmError | None,
+    ) -> None:
+        logs = self._service._logs
+        if logs is None:
+            return
+        event_type = "call_event" if method == CALL_EVENT else "calls_upload"
+        calls = body if isinstance(body, list) else [body]
+        for row, request in zip(rows, calls, strict=False):
+            logs.write(
+                self._number,
+                event_type,
+                request_data={"method": method, "body": request, "attempt": row.attempts},
+                response_data=response,
+                status="success" if error is None else "error",
+                error_message=None if error is None else str(error),
+                call_unique_id=row.call_unique_id,
+                redact=(self._key,),
+            )
+
+
+def _valid_timezone(name: Any) -> str:
+    return valid_timezone(name) or DEFAULT_TIMEZONE

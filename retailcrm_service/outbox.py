@@ -1,0 +1,552 @@
+"""The durable outbox: group-committed intake, leased claims, retries, dead letters, replay.
+
+Intake (``GroupCommitter``): request handlers ``await committer.submit(events)``; every request that
+arrives while a transaction is in flight joins the next one, so many concurrent requests share one
+commit. ``submit`` returns only after the commit (the 202 is sent after it), and tells which events
+were new and which were duplicates (``INSERT ... ON CONFLICT DO NOTHING`` on the per-enterprise
+idempotency key). Events of unknown or disabled enterprises are stored as ``skipped``.
+
+Delivery side (``OutboxStore``): ``claim`` takes due rows with ``FOR UPDATE SKIP LOCKED`` and a
+lease, at most one row per call at a time and only when no earlier row of the call is pending, so
+a call's events go out in order. ``settle`` records the outcome of an attempt: delivered, retry
+later (persisted due time, attempt count, last error), dead past the maximum attempts or age,
+expired popups. A worker that dies simply lets its lease lapse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import TracebackType
+from typing import Any
+
+import asyncpg
+
+from retailcrm_service.mapping import KIND_HISTORY, KIND_POPUP, kinds_for
+from vochi_crm_client._backoff import BackoffPolicy, delay
+
+logger = logging.getLogger(__name__)
+
+TABLE = "retailcrm_outbox"
+FINAL_STATES = ("delivered", "expired", "superseded", "dead", "skipped")
+
+
+class OutboxError(Exception):
+    """Base of the outbox's errors."""
+
+
+class OutboxUnavailable(OutboxError):
+    """The events could not be committed (the database failed); nothing of them was stored."""
+
+
+class OutboxClosed(OutboxError):
+    """The committer is not accepting events (not started, or shutting down)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """One validated event, ready to be inserted."""
+
+    enterprise_number: str
+    event_type: str
+    call_unique_id: str
+    payload: dict[str, Any]
+    origin: str
+    idempotency_key: str
+    occurred_at: datetime | None = None
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return kinds_for(self.event_type, self.origin)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutboxConfig:
+    """Intake and delivery policy; defaults are production values."""
+
+    popup_ttl: float = 30.0
+    lease_seconds: float = 60.0
+    max_attempts: int = 50
+    max_age: float = 7 * 24 * 3600.0
+    retry: BackoffPolicy = field(default_factory=lambda: BackoffPolicy(base=1.0, cap=300.0))
+    commit_max_events: int = 5000
+    commit_concurrency: int = 2
+
+    def __post_init__(self) -> None:
+        if self.popup_ttl <= 0 or self.lease_seconds <= 0 or self.max_age <= 0:
+            raise ValueError("popup_ttl, lease_seconds and max_age must be positive")
+        if self.max_attempts < 1 or self.commit_max_events < 1 or self.commit_concurrency < 1:
+            raise ValueError("max_attempts, commit_max_events, commit_concurrency must be >= 1")
+
+
+# -- intake -------------------------------------------------------------------------------------
+
+_INSERT = """
+INSERT INTO retailcrm_outbox (enterprise_number, idempotency_key, kind, has_history, call_unique_id,
+                     event_type, origin, payload, occurred_at, state, expires_at, last_error,
+                     finished_at)
+SELECT i.en, i.ikey, i.kind, i.hist, i.cuid, i.etype, i.origin, i.payload::jsonb, i.occ,
+       CASE WHEN e.number IS NULL OR NOT e.active
+                 OR coalesce(e.integrations_config -> 'retailcrm' ->> 'enabled', '') <> 'true'
+                 OR i.kind = 'note'
+            THEN CASE WHEN i.kind = 'note' AND e.number IS NOT NULL THEN 'delivered'
+                      ELSE 'skipped' END
+            ELSE 'pending' END,
+       CASE WHEN i.kind = 'popup' THEN now() + make_interval(secs => $10) END,
+       CASE WHEN e.number IS NULL THEN 'unknown enterprise'
+            WHEN NOT e.active
+                 OR coalesce(e.integrations_config -> 'retailcrm' ->> 'enabled', '') <> 'true'
+            THEN 'retailcrm disabled' END,
+       CASE WHEN i.kind = 'note' OR e.number IS NULL OR NOT e.active
+                 OR coalesce(e.integrations_config -> 'retailcrm' ->> 'enabled', '') <> 'true'
+            THEN now() END
+FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[], $5::text[], $6::text[], $7::text[],
+            $8::text[], $9::timestamptz[]) WITH ORDINALITY
+     AS i(en, ikey, kind, hist, cuid, etype, origin, payload, occ, ord)
+LEFT JOIN enterprises e ON e.number = i.en
+ORDER BY i.ord
+ON CONFLICT (enterprise_number, idempotency_key) DO NOTHING
+RETURNING enterprise_number, idempotency_key
+"""
+
+
+async def insert_events(
+    conn: asyncpg.Connection, events: Sequence[StoredEvent], *, popup_ttl: float
+) -> set[tuple[str, str]]:
+    """Insert in one statement; returns the (enterprise, key) pairs that were new."""
+    columns: list[list[Any]] = [[] for _ in range(9)]
+    for ev in events:
+        kinds = ev.kinds
+        values = (
+            ev.enterprise_number,
+            ev.idempotency_key,
+            kinds[0],
+            KIND_HISTORY in kinds[1:],
+            ev.call_unique_id,
+            ev.event_type,
+            ev.origin,
+            json.dumps(ev.payload, ensure_ascii=False, separators=(",", ":")),
+            ev.occurred_at,
+        )
+        for column, value in zip(columns, values, strict=True):
+            column.append(value)
+    rows = await conn.fetch(_INSERT, *columns, popup_ttl)
+    return {(r["enterprise_number"], r["idempotency_key"]) for r in rows}
+
+
+@dataclass(slots=True)
+class _Pending:
+    events: Sequence[StoredEvent]
+    done: asyncio.Future[list[bool]]
+
+
+class GroupCommitter:
+    """Coalesces concurrent ``submit`` calls into few transactions (see module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        pool: asyncpg.Pool,
+        config: OutboxConfig | None = None,
+        on_commit: Callable[[], None] | None = None,
+    ) -> None:
+        self._pool = pool
+        self._config = config or OutboxConfig()
+        self._on_commit = on_commit
+        self._queue: list[_Pending] = []
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(self._config.commit_concurrency)
+        self._tasks: asyncio.TaskGroup | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._closing = False
+        self.transactions = 0
+        self.committed_events = 0
+        self.failed_transactions = 0
+
+    async def __aenter__(self) -> GroupCommitter:
+        self._tasks = asyncio.TaskGroup()
+        await self._tasks.__aenter__()
+        self._runner = self._tasks.create_task(self._run())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._closing = True
+        self._wakeup.set()
+        assert self._tasks is not None
+        await self._tasks.__aexit__(exc_type, exc, tb)
+        self._tasks = None
+
+    async def submit(self, events: Sequence[StoredEvent]) -> list[bool]:
+        """Commit ``events``; per event True when new, False when a duplicate.
+
+        Raises ``OutboxUnavailable`` when the transaction failed (nothing of it was stored).
+        """
+        if not events:
+            return []
+        if self._tasks is None or self._closing:
+            raise OutboxClosed("the outbox is not accepting events")
+        done: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(events, done))
+        self._wakeup.set()
+        return await asyncio.shield(done)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "transactions": self.transactions,
+            "committed_events": self.committed_events,
+            "failed_transactions": self.failed_transactions,
+            "queued_requests": len(self._queue),
+        }
+
+    async def _run(self) -> None:
+        assert self._tasks is not None
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._queue:
+                await self._slots.acquire()
+                batch = self._take()
+                self._tasks.create_task(self._commit(batch))
+            if self._closing:
+                return
+
+    def _take(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        size = 0
+        while self._queue and (not batch or size < self._config.commit_max_events):
+            item = self._queue.pop(0)
+            batch.append(item)
+            size += len(item.events)
+        return batch
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        try:
+            unique: dict[tuple[str, str], StoredEvent] = {}
+            for item in batch:
+                for ev in item.events:
+                    unique.setdefault((ev.enterprise_number, ev.idempotency_key), ev)
+            try:
+                async with self._pool.acquire() as conn, conn.transaction():
+                    new = await insert_events(
+                        conn, list(unique.values()), popup_ttl=self._config.popup_ttl
+                    )
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                self.failed_transactions += 1
+                logger.warning("outbox.commit_failed events=%d error=%s", len(unique), exc)
+                error = OutboxUnavailable("the database did not commit the events")
+                error.__cause__ = exc
+                for item in batch:
+                    if not item.done.done():
+                        item.done.set_exception(error)
+                return
+            self.transactions += 1
+            self.committed_events += len(new)
+            for item in batch:
+                if not item.done.done():
+                    item.done.set_result(_claim_new(item.events, new))
+            if new and self._on_commit is not None:
+                self._on_commit()
+        finally:
+            self._slots.release()
+
+
+def _claim_new(events: Sequence[StoredEvent], new: set[tuple[str, str]]) -> list[bool]:
+    """Per event, True for the first occurrence of a newly inserted key, False otherwise."""
+    flags = []
+    for ev in events:
+        key = (ev.enterprise_number, ev.idempotency_key)
+        if key in new:
+            new.discard(key)
+            flags.append(True)
+        else:
+            flags.append(False)
+    return flags
+
+
+# -- delivery side ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """A claimed row."""
+
+    id: int
+    enterprise_number: str
+    idempotency_key: str
+    kind: str
+    has_history: bool
+    call_unique_id: str
+    event_type: str
+    origin: str
+    payload: dict[str, Any]
+    attempts: int
+    created_at: datetime
+    expires_at: datetime | None
+
+    @classmethod
+    def from_record(cls, r: asyncpg.Record) -> OutboxRow:
+        payload = r["payload"]
+        return cls(
+            id=r["id"],
+            enterprise_number=r["enterprise_number"],
+            idempotency_key=r["idempotency_key"],
+            kind=r["kind"],
+            has_history=r["has_history"],
+            call_unique_id=r["call_unique_id"],
+            event_type=r["event_type"],
+            origin=r["origin"],
+            payload=json.loads(payload) if isinstance(payload, str) else dict(payload),
+            attempts=r["attempts"],
+            created_at=r["created_at"],
+            expires_at=r["expires_at"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one attempt on a row ended."""
+
+    row: OutboxRow
+    result: str  # "delivered" | "retry" | "dead" | "skipped" | "expired" | "deferred"
+    error: str | None = None
+    retry_after: float | None = None
+
+
+_CLAIM = """
+WITH candidates AS (
+    SELECT o.id FROM retailcrm_outbox o
+    WHERE o.state = 'pending' AND o.due_at <= now()
+      AND (o.lease_until IS NULL OR o.lease_until < now())
+      AND o.enterprise_number <> ALL($4::text[])
+      AND NOT EXISTS (
+          SELECT 1 FROM retailcrm_outbox p
+          WHERE p.enterprise_number = o.enterprise_number
+            AND p.call_unique_id = o.call_unique_id
+            AND p.id < o.id AND p.state = 'pending')
+    ORDER BY o.due_at, o.id
+    LIMIT $2
+    FOR UPDATE OF o SKIP LOCKED
+)
+UPDATE retailcrm_outbox o
+SET lease_owner = $1, lease_until = now() + make_interval(secs => $3), attempts = o.attempts + 1
+FROM candidates c WHERE o.id = c.id
+RETURNING o.*
+"""
+
+# Popups whose time is up: a dial row ends as expired; a live hangup moves on to its history.
+_EXPIRE = """
+UPDATE retailcrm_outbox
+SET state = CASE WHEN has_history THEN 'pending' ELSE 'expired' END,
+    kind = CASE WHEN has_history THEN 'history' ELSE kind END,
+    popup_state = 'expired', attempts = CASE WHEN has_history THEN 0 ELSE attempts END,
+    due_at = now(), lease_owner = NULL, lease_until = NULL,
+    finished_at = CASE WHEN has_history THEN NULL ELSE now() END
+WHERE state = 'pending' AND kind = 'popup' AND expires_at < now()
+  AND (lease_until IS NULL OR lease_until < now())
+RETURNING enterprise_number
+"""
+
+# A dial popup that already failed is pointless once the call's hangup is queued.
+_SUPERSEDE = """
+UPDATE retailcrm_outbox o
+SET state = 'superseded', popup_state = 'superseded', finished_at = now(),
+    lease_owner = NULL, lease_until = NULL
+WHERE o.state = 'pending' AND o.kind = 'popup' AND o.event_type = 'dial' AND o.attempts > 0
+  AND (o.lease_until IS NULL OR o.lease_until < now())
+  AND EXISTS (SELECT 1 FROM retailcrm_outbox h
+              WHERE h.enterprise_number = o.enterprise_number
+                AND h.call_unique_id = o.call_unique_id
+                AND h.id > o.id AND h.event_type = 'hangup')
+RETURNING enterprise_number
+"""
+
+
+class OutboxStore:
+    """SQL of the delivery side; every method is one short transaction."""
+
+    def __init__(
+        self,
+        *,
+        pool: asyncpg.Pool,
+        owner: str,
+        config: OutboxConfig | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._pool = pool
+        self.owner = owner
+        self.config = config or OutboxConfig()
+        self._rng = rng or random.Random()
+
+    async def claim(self, limit: int, *, exclude: Sequence[str] = ()) -> list[OutboxRow]:
+        rows = await self._pool.fetch(
+            _CLAIM, self.owner, limit, self.config.lease_seconds, list(exclude)
+        )
+        return [OutboxRow.from_record(r) for r in rows]
+
+    async def sweep(self) -> dict[str, list[str]]:
+        """Expire stale popups and supersede failed dials; returns enterprises per outcome."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            expired = await conn.fetch(_EXPIRE)
+            superseded = await conn.fetch(_SUPERSEDE)
+        return {
+            "expired": [r["enterprise_number"] for r in expired],
+            "superseded": [r["enterprise_number"] for r in superseded],
+        }
+
+    async def bridges(self, enterprise_number: str, call_ids: Sequence[str]) -> dict[str, list]:
+        """The bridge payloads of these calls, oldest first (for attribution)."""
+        rows = await self._pool.fetch(
+            """SELECT call_unique_id, payload FROM retailcrm_outbox
+                WHERE enterprise_number = $1 AND call_unique_id = ANY($2::text[])
+                  AND kind = 'note' ORDER BY id""",
+            enterprise_number,
+            list(call_ids),
+        )
+        found: dict[str, list] = {}
+        for r in rows:
+            found.setdefault(r["call_unique_id"], []).append(json.loads(r["payload"]))
+        return found
+
+    async def settle(self, outcomes: Sequence[Outcome]) -> None:
+        """Persist the outcomes of one pass of attempts (rows whose lease we lost are left)."""
+        if not outcomes:
+            return
+        async with self._pool.acquire() as conn, conn.transaction():
+            for outcome in outcomes:
+                await self._settle_one(conn, outcome)
+
+    async def _settle_one(self, conn: asyncpg.Connection, outcome: Outcome) -> None:
+        row = outcome.row
+        result = outcome.result
+        if result == "retry" and self._exhausted(row):
+            result = "dead"
+        if row.kind == KIND_POPUP and row.has_history and result not in ("retry", "deferred"):
+            # The popup part is settled either way; the row goes on to its history.
+            await conn.execute(
+                """UPDATE retailcrm_outbox SET kind = 'history', popup_state = $3, attempts = 0,
+                        due_at = now(), last_error = $4, lease_owner = NULL, lease_until = NULL
+                    WHERE id = $1 AND lease_owner = $2""",
+                row.id,
+                self.owner,
+                result,
+                outcome.error,
+            )
+            return
+        if result in ("retry", "deferred"):
+            wait = self._retry_delay(row, outcome)
+            await conn.execute(
+                """UPDATE retailcrm_outbox SET due_at = now() + make_interval(secs => $3),
+                        last_error = $4, lease_owner = NULL, lease_until = NULL,
+                        attempts = attempts - $5::int
+                    WHERE id = $1 AND lease_owner = $2""",
+                row.id,
+                self.owner,
+                wait,
+                outcome.error,
+                1 if result == "deferred" else 0,
+            )
+            return
+        await conn.execute(
+            """UPDATE retailcrm_outbox SET state = $3, last_error = $4, finished_at = now(),
+                    popup_state = CASE WHEN kind = 'popup' THEN $3 ELSE popup_state END,
+                    lease_owner = NULL, lease_until = NULL
+                WHERE id = $1 AND lease_owner = $2""",
+            row.id,
+            self.owner,
+            result,
+            outcome.error,
+        )
+
+    def _exhausted(self, row: OutboxRow) -> bool:
+        if row.attempts >= self.config.max_attempts:
+            return True
+        age = (datetime.now(row.created_at.tzinfo) - row.created_at).total_seconds()
+        return age >= self.config.max_age
+
+    def _retry_delay(self, row: OutboxRow, outcome: Outcome) -> float:
+        if outcome.retry_after is not None:
+            return max(0.0, outcome.retry_after)
+        return delay(max(1, row.attempts), self.config.retry, self._rng)
+
+    # -- observability and replay -----------------------------------------------------------
+
+    async def backlog(self) -> dict[str, Any]:
+        row = await self._pool.fetchrow(
+            """SELECT count(*) AS pending,
+                       count(*) FILTER (WHERE due_at <= now()) AS due,
+                       min(due_at) FILTER (WHERE due_at <= now()) AS oldest_due,
+                       extract(epoch FROM now() - min(due_at) FILTER (WHERE due_at <= now()))
+                           AS oldest_due_age
+                FROM retailcrm_outbox WHERE state = 'pending'"""
+        )
+        return {
+            "pending": row["pending"],
+            "due": row["due"],
+            "oldest_due_at": row["oldest_due"].isoformat() if row["oldest_due"] else None,
+            "oldest_due_age_seconds": round(float(row["oldest_due_age"] or 0.0), 3),
+        }
+
+    async def counts(self) -> dict[str, dict[str, int]]:
+        """Rows per enterprise and state (popup outcomes of hangups counted as popups)."""
+        rows = await self._pool.fetch(
+            """SELECT enterprise_number, state, count(*) AS n FROM retailcrm_outbox
+                WHERE kind <> 'note' GROUP BY 1, 2
+                UNION ALL
+                SELECT enterprise_number, 'popup_' || popup_state, count(*) FROM retailcrm_outbox
+                WHERE popup_state IS NOT NULL GROUP BY 1, 2"""
+        )
+        out: dict[str, dict[str, int]] = {}
+        for r in rows:
+            out.setdefault(r["enterprise_number"], {})[r["state"]] = r["n"]
+        return out
+
+
+async def replay(
+    pool: asyncpg.Pool,
+    *,
+    enterprise_number: str,
+    event_id: int | None = None,
+    idempotency_key: str | None = None,
+    since: datetime | None = None,
+    states: Sequence[str] = ("dead", "expired", "superseded"),
+) -> int:
+    """Make events pending again (one, or the failed ones of an enterprise since a time).
+
+    Popups come back as history when they belonged to a hangup (their moment has passed);
+    history is safe to re-send because RetailCRM dedups uploads by ``externalId``.
+    """
+    conditions = ["enterprise_number = $1", "kind <> 'note'"]
+    args: list[Any] = [enterprise_number]
+    if event_id is not None:
+        args.append(event_id)
+        conditions.append(f"id = ${len(args)}")
+    elif idempotency_key is not None:
+        args.append(idempotency_key)
+        conditions.append(f"idempotency_key = ${len(args)}")
+    else:
+        args.append(list(states))
+        conditions.append(f"state = ANY(${len(args)}::text[])")
+        if since is not None:
+            args.append(since)
+            conditions.append(f"created_at >= ${len(args)}")
+    result = await pool.execute(
+        f"""UPDATE retailcrm_outbox
+            SET state = 'pending', attempts = 0, due_at = now(), finished_at = NULL,
+                lease_owner = NULL, lease_until = NULL,
+                kind = CASE WHEN has_history THEN 'history' ELSE kind END,
+                expires_at = CASE WHEN kind = 'popup' AND NOT has_history
+                                  THEN now() + interval '30 seconds' ELSE expires_at END
+            WHERE {" AND ".join(conditions)}""",  # noqa: S608 (fixed condition strings)
+        *args,
+    )
+    return int(result.split()[-1])

@@ -1,0 +1,241 @@
+"""The outbox on a real PostgreSQL: group commit, idempotency, claims, leases, retries, replay."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from retailcrm_service.outbox import (
+    GroupCommitter,
+    OutboxConfig,
+    OutboxStore,
+    OutboxUnavailable,
+    Outcome,
+    StoredEvent,
+    replay,
+)
+from tests.support.pg import create_enterprise
+from vochi_crm_client._event import idempotency_key
+
+
+def event(
+    event_type: str,
+    uid: str = "1764150000.101",
+    *,
+    enterprise: str = "0367",
+    extensions: tuple[str, ...] = ("150",),
+    origin: str = "live",
+) -> StoredEvent:
+    payload = {"UniqueId": uid, "Phone": "+375291234567", "Extensions": list(extensions)}
+    exts = extensions if event_type == "dial" else ()
+    return StoredEvent(
+        enterprise_number=enterprise,
+        event_type=event_type,
+        call_unique_id=uid,
+        payload=payload,
+        origin=origin,
+        idempotency_key=idempotency_key(enterprise, uid, event_type, exts),
+    )
+
+
+@pytest.fixture
+async def pool(database_url: str, db: asyncpg.Connection) -> AsyncIterator[asyncpg.Pool]:
+    await create_enterprise(db, "0367", integrations={"retailcrm": True})
+    await create_enterprise(db, "0400", integrations={"retailcrm": False})
+    p = await asyncpg.create_pool(database_url, min_size=1, max_size=6)
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+async def _states(db: asyncpg.Connection) -> list[tuple[str, str, str]]:
+    rows = await db.fetch("SELECT event_type, kind, state FROM retailcrm_outbox ORDER BY id")
+    return [(r["event_type"], r["kind"], r["state"]) for r in rows]
+
+
+async def test_concurrent_submits_share_transactions_and_report_duplicates(
+    pool: asyncpg.Pool, db: asyncpg.Connection
+) -> None:
+    async with GroupCommitter(pool=pool) as committer:
+        batches = [[event("dial", f"1.{i}"), event("hangup", f"1.{i}")] for i in range(200)]
+        results = await asyncio.gather(*(committer.submit(b) for b in batches))
+        assert all(r == [True, True] for r in results)
+        again = await committer.submit([event("dial", "1.5"), event("dial", "9.9")])
+        assert again == [False, True]
+        assert committer.transactions < 200
+    assert await db.fetchval("SELECT count(*) FROM retailcrm_outbox") == 401
+
+
+async def test_duplicate_inside_one_request_is_stored_once(
+    pool: asyncpg.Pool, db: asyncpg.Connection
+) -> None:
+    async with GroupCommitter(pool=pool) as committer:
+        assert await committer.submit([event("hangup"), event("hangup")]) == [True, False]
+    assert await db.fetchval("SELECT count(*) FROM retailcrm_outbox") == 1
+
+
+async def test_later_dial_with_new_extensions_is_a_new_event(
+    pool: asyncpg.Pool, db: asyncpg.Connection
+) -> None:
+    async with GroupCommitter(pool=pool) as committer:
+        first = event("dial", extensions=("150", "151"))
+        second = event("dial", extensions=("151", "150", "152"))
+        repeat = event("dial", extensions=("151", "150"))
+        assert await committer.submit([first, second, repeat]) == [True, True, False]
+
+
+async def test_unknown_and_disabled_enterprises_are_recorded_as_skipped(
+    pool: asyncpg.Pool, db: asyncpg.Connection
+) -> None:
+    async with GroupCommitter(pool=pool) as committer:
+        await committer.submit([event("dial", enterprise="9999"), event("dial", enterprise="0400")])
+    rows = await db.fetch("SELECT state, last_error FROM retailcrm_outbox ORDER BY id")
+    assert [(r["state"], r["last_error"]) for r in rows] == [
+        ("skipped", "unknown enterprise"),
+        ("skipped", "retailcrm disabled"),
+    ]
+
+
+async def test_live_hangup_is_a_popup_then_history_and_recovered_one_history_only(
+    pool: asyncpg.Pool, db: asyncpg.Connection
+) -> None:
+    async with GroupCommitter(pool=pool) as committer:
+        await committer.submit([event("bridge"), event("hangup"), event("hangup", "2.2")])
+        await committer.submit([event("hangup", "3.3", origin="download")])
+        # the recovered copy of a live hangup is the same fact: a duplicate
+        assert await committer.submit([event("hangup", "2.2", origin="download")]) == [False]
+    assert await _states(db) == [
+        ("bridge", "note", "delivered"),
+        ("hangup", "popup", "pending"),
+        ("hangup", "popup", "pending"),
+        ("hangup", "history", "pending"),
+    ]
+
+
+async def test_failed_transaction_reaches_every_waiter_and_stores_nothing(
+    pool: asyncpg.Pool, db: asyncpg.Connection
+) -> None:
+    await db.execute(
+        "ALTER TABLE retailcrm_outbox ADD CONSTRAINT no_x CHECK (call_unique_id <> 'x')"
+    )
+    async with GroupCommitter(pool=pool) as committer:
+        results = await asyncio.gather(
+            committer.submit([event("dial", "x")]),
+            committer.submit([event("dial", "y")]),
+            return_exceptions=True,
+        )
+    assert any(isinstance(r, OutboxUnavailable) for r in results)
+    stored = await db.fetchval("SELECT count(*) FROM retailcrm_outbox WHERE call_unique_id = 'x'")
+    assert stored == 0
+
+
+async def test_claim_delivers_a_call_in_order_and_skip_locked_splits_work(
+    pool: asyncpg.Pool, db: asyncpg.Connection
+) -> None:
+    async with GroupCommitter(pool=pool) as committer:
+        await committer.submit([event("dial", "A"), event("hangup", "A"), event("dial", "B")])
+    one = OutboxStore(pool=pool, owner="w1")
+    two = OutboxStore(pool=pool, owner="w2")
+    first, second = await asyncio.gather(one.claim(10), two.claim(10))
+    claimed = sorted((r.call_unique_id, r.event_type) for r in first + second)
+    # the hangup of call A waits for its dial; no row is claimed twice
+    assert claimed == [("A", "dial"), ("B", "dial")]
+    dial_a = next(r for r in first + second if r.call_unique_id == "A")
+    owner = one if dial_a in first else two
+    await owner.settle([Outcome(dial_a, "delivered")])
+    next_rows = await one.claim(10)
+    assert [(r.call_unique_id, r.event_type) for r in next_rows] == [("A", "hangup")]
+
+
+async def test_lease_of_a_dead_worker_lapses_and_another_worker_takes_the_row(
+    pool: asyncpg.Pool, db: asyncpg.Connection
+) -> None:
+    config = OutboxConfig(lease_seconds=0.2)
+    async with GroupCommitter(pool=pool) as committer:
+        await committer.submit([event("hangup", "L", origin="download")])
+    dead = OutboxStore(pool=pool, owner="dead", config=config)
+    alive = OutboxStore(pool=pool, owner="alive", config=config)
+    assert len(await dead.claim(5)) == 1
+    assert await alive.claim(5) == []
+    await asyncio.sleep(0.3)
+    taken = await alive.claim(5)
+    assert [r.attempts for r in taken] == [2]
+    # the dead worker's late settle no longer applies: the row is someone else's now
+    await dead.settle([Outcome(taken[0], "delivered")])
+    assert await db.fetchval("SELECT state FROM retailcrm_outbox") == "pending"
+
+
+async def test_retry_is_persisted_with_backoff_and_dead_letters_past_max_attempts(
+    pool: asyncpg.Pool, db: asyncpg.Connection
+) -> None:
+    config = OutboxConfig(max_attempts=2)
+    store = OutboxStore(pool=pool, owner="w", config=config)
+    async with GroupCommitter(pool=pool) as committer:
+        await committer.submit([event("hangup", "R", origin="download")])
+    (row,) = await store.claim(5)
+    await store.settle([Outcome(row, "retry", "HTTP 500", retry_after=0.0)])
+    stored = await db.fetchrow("SELECT state, attempts, last_error FROM retailcrm_outbox")
+    assert tuple(stored) == ("pending", 1, "HTTP 500")
+    (row,) = await store.claim(5)
+    await store.settle([Outcome(row, "retry", "HTTP 500 again")])
+    stored = await db.fetchrow("SELECT state, attempts, last_error FROM retailcrm_outbox")
+    assert tuple(stored) == ("dead", 2, "HTTP 500 again")
+
+
+async def test_breaker_deferral_does_not_use_up_attempts(
+    pool: asyncpg.Pool, db: asyncpg.Connection
+) -> None:
+    store = OutboxStore(pool=pool, owner="w")
+    async with GroupCommitter(pool=pool) as committer:
+        await committer.submit([event("hangup", "D", origin="download")])
+    (row,) = await store.claim(5)
+    await store.settle([Outcome(row, "deferred", "breaker open", retry_after=0.0)])
+    assert await db.fetchval("SELECT attempts FROM retailcrm_outbox") == 0
+
+
+async def test_stale_popups_expire_and_a_hangup_moves_on_to_history(
+    pool: asyncpg.Pool, db: asyncpg.Connection
+) -> None:
+    config = OutboxConfig(popup_ttl=0.05)
+    async with GroupCommitter(pool=pool, config=config) as committer:
+        await committer.submit([event("dial", "E"), event("hangup", "E")])
+    await asyncio.sleep(0.1)
+    swept = await OutboxStore(pool=pool, owner="w", config=config).sweep()
+    assert swept["expired"] == ["0367", "0367"]
+    rows = await db.fetch("SELECT kind, state, popup_state FROM retailcrm_outbox ORDER BY id")
+    assert [tuple(r) for r in rows] == [
+        ("popup", "expired", "expired"),
+        ("history", "pending", "expired"),
+    ]
+
+
+async def test_failed_dial_is_superseded_once_its_hangup_is_queued(
+    pool: asyncpg.Pool, db: asyncpg.Connection
+) -> None:
+    store = OutboxStore(pool=pool, owner="w")
+    async with GroupCommitter(pool=pool) as committer:
+        await committer.submit([event("dial", "S")])
+        (dial,) = await store.claim(5)
+        await store.settle([Outcome(dial, "retry", "timeout", retry_after=60.0)])
+        await committer.submit([event("hangup", "S")])
+    assert (await store.sweep())["superseded"] == ["0367"]
+    (hangup,) = await store.claim(5)
+    assert (hangup.event_type, hangup.kind) == ("hangup", "popup")
+
+
+async def test_replay_makes_dead_events_of_an_enterprise_pending_again(
+    pool: asyncpg.Pool, db: asyncpg.Connection
+) -> None:
+    store = OutboxStore(pool=pool, owner="w", config=OutboxConfig(max_attempts=1))
+    async with GroupCommitter(pool=pool) as committer:
+        await committer.submit([event("hangup", f"P{i}", origin="download") for i in range(3)])
+    rows = await store.claim(5)
+    await store.settle([Outcome(r, "dead", "400: Validation error") for r in rows])
+    assert await replay(pool, enterprise_number="0367") == 3
+    assert len(await store.claim(5)) == 3
+    backlog = await store.backlog()
+    assert backlog["pending"] == 3
