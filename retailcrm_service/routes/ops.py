@@ -1,0 +1,95 @@
+"""Operations: ``/health`` (open), ``/stats`` and ``/metrics`` (internal), also under ``/api/``.
+
+The ``/api/`` aliases are what nginx exposes as ``/retailcrm/api/health`` etc.
+``/health`` answers ``{"status": "ok"|"degraded", "reasons": [...]}`` with the state of the
+database, the NOTIFY listener and the config cache; HTTP 503 only when the database is unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from retailcrm_service.app import Runtime, RuntimeDep
+from retailcrm_service.auth import require_internal
+
+router = APIRouter(tags=["ops"])
+
+DB_PROBE_TIMEOUT = 2.0
+LISTENER_MAX_HEARTBEAT_AGE = 300.0
+
+
+async def _database(runtime: Runtime) -> tuple[dict[str, Any], str | None]:
+    try:
+        async with asyncio.timeout(DB_PROBE_TIMEOUT):
+            await runtime.pool.fetchval("SELECT 1")
+    except Exception as exc:  # any failure is a health fact, not an error of this route
+        return {"ok": False, "error": type(exc).__name__}, "database unreachable"
+    return {"ok": True}, None
+
+
+def _listener(runtime: Runtime) -> tuple[dict[str, Any], str | None]:
+    listener = runtime.listener
+    if listener is None:
+        return {"ok": False, "state": "absent"}, "NOTIFY listener not running"
+    stats = dict(listener.stats()) if hasattr(listener, "stats") else {}
+    connected = bool(stats.get("connected", True))
+    age = stats.get("heartbeat_age")
+    info = {"ok": connected, **stats}
+    if not connected:
+        return info, "NOTIFY listener disconnected"
+    if isinstance(age, (int, float)) and age > LISTENER_MAX_HEARTBEAT_AGE:
+        info["ok"] = False
+        return info, f"NOTIFY heartbeat {age:.0f}s old"
+    return info, None
+
+
+def _cache(runtime: Runtime) -> tuple[dict[str, Any], str | None]:
+    stats = runtime.configs.stats()
+    info = {
+        "ok": stats.get("full_reloads", 0) > 0,
+        "size": stats.get("size"),
+        "active": stats.get("active"),
+        "snapshot_age": stats.get("snapshot_age"),
+    }
+    if not info["ok"]:
+        return info, "config cache never fully loaded"
+    return info, None
+
+
+async def _health(runtime: Runtime) -> JSONResponse:
+    database, db_reason = await _database(runtime)
+    listener, listener_reason = _listener(runtime)
+    cache, cache_reason = _cache(runtime)
+    reasons = [r for r in (db_reason, listener_reason, cache_reason) if r]
+    body = {
+        "status": "degraded" if reasons else "ok",
+        "reasons": reasons,
+        "database": database,
+        "listener": listener,
+        "cache": cache,
+    }
+    # 503 only when the database is gone: a missing listener or cache still serves requests.
+    return JSONResponse(body, status_code=503 if db_reason else 200)
+
+
+@router.get("/health")
+@router.get("/api/health")
+async def health(runtime: RuntimeDep) -> JSONResponse:
+    return await _health(runtime)
+
+
+@router.get("/stats", dependencies=[Depends(require_internal)])
+@router.get("/api/stats", dependencies=[Depends(require_internal)])
+async def stats(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
+    return runtime.metrics.snapshot()
+
+
+@router.get("/metrics", dependencies=[Depends(require_internal)])
+@router.get("/api/metrics", dependencies=[Depends(require_internal)])
+async def metrics(runtime: RuntimeDep) -> Response:
+    return Response(runtime.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
