@@ -79,8 +79,8 @@ def _decode(value: Any) -> Any:
     return value
 
 
-def _masked_pairs(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    return [(k, mask(v) or "") if k == "apiKey" else (k, v) for k, v in pairs]
+def _masked_pairs(pairs: list[tuple[str, str]]) -> list[list[str]]:
+    return [[k, mask(v) or ""] if k == "apiKey" else [k, v] for k, v in pairs]
 
 
 class Sandbox:

@@ -34,7 +34,7 @@ def _split_key(key: str) -> list[str]:
     while rest.startswith("["):
         end = rest.find("]")
         if end < 0:
-            break
+            return [key]
         parts.append(rest[1:end])
         rest = rest[end + 1 :]
     return parts

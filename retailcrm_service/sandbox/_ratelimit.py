@@ -13,6 +13,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+_EPSILON = 1e-6  # absorbs float error, so a client paced at exactly N per second passes
+
 
 class SlidingWindowLimiter:
     """Sliding-window counters keyed by (API key, bucket name)."""
@@ -36,7 +38,7 @@ class SlidingWindowLimiter:
         with self._lock:
             now = self._clock()
             hits = self._hits.setdefault((key, bucket), deque())
-            while hits and hits[0] <= now - self._window:
+            while hits and hits[0] <= now - self._window + _EPSILON:
                 hits.popleft()
             if len(hits) >= limit:
                 return False

@@ -93,12 +93,12 @@ class Module:
         return None
 
     def view(self) -> dict[str, Any]:
-        data = copy.deepcopy(self.data)
+        history = [{**h, "module": redact_module(h["module"])} for h in self.history]
         return {
             "code": self.code,
             "owner": mask(self.owner_key),
-            "module": data,
-            "history": self.history,
+            "module": redact_module(self.data),
+            "history": history,
         }
 
 
