@@ -36,7 +36,7 @@ import asyncpg
 
 from retailcrm_service.crypto import DecryptionError, decrypt_api_key
 from retailcrm_service.settings import Secret
-from vochi_crm_client._cache import CacheSettings, RefreshingCache
+from vochi_crm_client import CacheSettings, RefreshingCache
 
 logger = logging.getLogger(__name__)
 

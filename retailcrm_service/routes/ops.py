@@ -20,7 +20,6 @@ from retailcrm_service.auth import require_internal
 router = APIRouter(tags=["ops"])
 
 DB_PROBE_TIMEOUT = 2.0
-LISTENER_MAX_HEARTBEAT_AGE = 300.0
 
 
 async def _database(runtime: Runtime) -> tuple[dict[str, Any], str | None]:
@@ -36,13 +35,13 @@ def _listener(runtime: Runtime) -> tuple[dict[str, Any], str | None]:
     listener = runtime.listener
     if listener is None:
         return {"ok": False, "state": "absent"}, "NOTIFY listener not running"
-    stats = dict(listener.stats()) if hasattr(listener, "stats") else {}
-    connected = bool(stats.get("connected", True))
+    stats = listener.stats()
+    connected = stats.get("state") == "listening"
     age = stats.get("heartbeat_age")
     info = {"ok": connected, **stats}
     if not connected:
-        return info, "NOTIFY listener disconnected"
-    if isinstance(age, (int, float)) and age > LISTENER_MAX_HEARTBEAT_AGE:
+        return info, f"NOTIFY listener {stats.get('state')}"
+    if isinstance(age, (int, float)) and age > listener.settings.heartbeat_timeout:
         info["ok"] = False
         return info, f"NOTIFY heartbeat {age:.0f}s old"
     return info, None
