@@ -48,6 +48,7 @@ __all__ = [
     "CommandResult",
     "HostKeyRejected",
     "InvalidArgument",
+    "asterisk_component",
     "originate_command",
     "parse_channels_concise",
     "redirect_command",
@@ -622,3 +623,8 @@ def _text(value: object) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return str(value)
+
+
+def asterisk_component(runtime: object) -> AsteriskControl:
+    """``COMPONENTS`` entry: the SSH pool, configured from ``RETAILCRM_SSH_*``."""
+    return AsteriskControl(settings=AsteriskSettings.from_env())

@@ -1,0 +1,237 @@
+"""Smart redirect over HTTP: ``POST /api/smart-redirect`` and the dialplan's
+``POST /api/callevent/getcustomerdata`` (ARCHITECTURE.md §4, platform-facts.md §4).
+
+The dialplan macro reads the body of ``getcustomerdata`` with ``CURL()``, which ignores the HTTP
+status and cuts the text on commas and quotes. So every answer of that route, errors included,
+starts with ``{"Name":"","DialPlan":null`` and a macro can never ``Goto`` somewhere it should not.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from retailcrm_service.app import Runtime, get_runtime
+from retailcrm_service.asterisk import (
+    AsteriskControl,
+    AsteriskError,
+    InvalidArgument,
+    validate_channel,
+    validate_extension,
+)
+from retailcrm_service.auth import require_internal
+from retailcrm_service.routes import ApiError, read_json, validate
+from retailcrm_service.smart_redirect import Decision, SmartRedirect, dialplan_reply
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter()
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+INTEGRATION = "retailcrm"
+MAX_BODY = 16 * 1024
+_ID_RE = re.compile(r"[0-9A-Za-z._-]{1,64}")
+
+
+class SmartRedirectIn(BaseModel):
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
+
+    enterprise_number: str = Field(min_length=1, max_length=32, pattern=r"^[0-9A-Za-z_-]+$")
+    phone: str = Field(min_length=1, max_length=32)
+    call_unique_id: str | None = Field(default=None, max_length=64, pattern=r"^[0-9A-Za-z._-]+$")
+    channel: str | None = Field(default=None, max_length=100)
+    trunk: str | None = Field(default=None, max_length=40, pattern=r"^[0-9A-Za-z_-]+$")
+
+    @field_validator("channel")
+    @classmethod
+    def _channel(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        try:
+            return validate_channel(value)
+        except InvalidArgument:
+            raise ValueError("not a valid Asterisk channel name") from None
+
+
+def _smart(runtime: Runtime) -> SmartRedirect:
+    smart = runtime.components.get("smart_redirect")
+    if not isinstance(smart, SmartRedirect):
+        raise ApiError(503, "unavailable", "smart redirect is not running")
+    return smart
+
+
+@router.post("/api/smart-redirect", dependencies=[Depends(require_internal)])
+async def smart_redirect(request: Request, runtime: RuntimeDep) -> Any:
+    body = validate(SmartRedirectIn, await read_json(request, max_bytes=MAX_BODY))
+    decision = await _smart(runtime).decide(body.enterprise_number, body.phone, trunk=body.trunk)
+    redirect = "skipped"
+    if body.channel and _schedule_redirect(runtime, decision, body):
+        redirect = "scheduled"
+    _journal(runtime, decision, body.phone, body.call_unique_id, redirect=redirect)
+    return {
+        "extension": decision.extension,
+        "manager_id": decision.manager_id,
+        "source": decision.source,
+        "redirect": redirect,
+        "manager_name": decision.manager_name,
+        "name": decision.name,
+        "dialplan": decision.dialplan,
+    }
+
+
+def _schedule_redirect(runtime: Runtime, decision: Decision, body: SmartRedirectIn) -> bool:
+    asterisk = runtime.components.get("asterisk")
+    if not (
+        isinstance(asterisk, AsteriskControl)
+        and decision.redirect_channel
+        and decision.extension
+        and decision.host
+        and body.channel
+    ):
+        return False
+    try:
+        validate_extension(decision.extension)
+    except InvalidArgument:
+        return False
+    job = _redirect_job(runtime, asterisk, decision, body.channel, body.call_unique_id)
+    return asterisk.spawn(job, name="smart-redirect")
+
+
+async def _redirect_job(
+    runtime: Runtime,
+    asterisk: AsteriskControl,
+    decision: Decision,
+    channel: str,
+    call_unique_id: str | None,
+) -> None:
+    assert decision.host is not None
+    assert decision.extension is not None
+    assert decision.enterprise_number is not None
+    request = {
+        "channel": channel,
+        "extension": decision.extension,
+        "context": decision.redirect_context,
+        "manager_id": decision.manager_id,
+    }
+    try:
+        result = await asterisk.redirect(
+            decision.host, channel, decision.extension, context=decision.redirect_context
+        )
+    except AsteriskError as exc:
+        logger.warning(
+            "smart_redirect.redirect_failed enterprise=%s error=%s",
+            decision.enterprise_number,
+            type(exc).__name__,
+        )
+        runtime.logs.write(
+            decision.enterprise_number,
+            "channel_redirect",
+            request_data=request,
+            response_data=None,
+            status="error",
+            error_message=f"{type(exc).__name__}: {exc}",
+            call_unique_id=call_unique_id,
+        )
+        return
+    runtime.logs.write(
+        decision.enterprise_number,
+        "channel_redirect",
+        request_data=request,
+        response_data={"output": result.stdout.strip()[:500], "elapsed_ms": result.elapsed * 1000},
+        status="success",
+        call_unique_id=call_unique_id,
+    )
+
+
+def _journal(
+    runtime: Runtime,
+    decision: Decision,
+    phone: str,
+    call_unique_id: str | None,
+    *,
+    redirect: str | None = None,
+) -> None:
+    if decision.enterprise_number is None or decision.source == "unknown_enterprise":
+        return
+    response: dict[str, Any] = {
+        "source": decision.source,
+        "extension": decision.extension,
+        "manager_id": decision.manager_id,
+        "dialplan": decision.dialplan,
+        "cached": decision.cached,
+    }
+    if redirect is not None:
+        response["redirect"] = redirect
+    runtime.logs.write(
+        decision.enterprise_number,
+        "smart_redirect",
+        request_data={"phone": phone},
+        response_data=response,
+        status="error" if decision.source in {"timeout", "error"} else "success",
+        error_message=decision.source if decision.source in {"timeout", "error"} else None,
+        call_unique_id=call_unique_id,
+    )
+
+
+# --------------------------------------------------------------------------- the dialplan route
+
+
+def _dialplan_error(status: int, code: str, message: str) -> Response:
+    # Name and DialPlan come first so that the macro's cutting finds "no redirect".
+    body = {"Name": "", "DialPlan": None, "error": {"code": code, "message": message}}
+    return Response(
+        json.dumps(body, separators=(",", ":")).encode(),
+        status_code=status,
+        media_type="application/json",
+    )
+
+
+def _first_str(body: dict[str, Any], *names: str) -> str | None:
+    for name in names:
+        value = body.get(name)
+        if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value).strip():
+            return str(value).strip()
+    return None
+
+
+@router.post("/api/callevent/getcustomerdata")
+async def getcustomerdata(request: Request, runtime: RuntimeDep) -> Response:
+    try:
+        raw = await read_json(request, max_bytes=MAX_BODY)
+    except ApiError as exc:
+        return _dialplan_error(exc.status, exc.code, exc.message)
+    if not isinstance(raw, dict):
+        return _dialplan_error(422, "validation_error", "the body must be a JSON object")
+    token = request.headers.get("token") or _first_str(raw, "Token")
+    phone = _first_str(raw, "Phone")
+    trunk = _first_str(raw, "TrunkId", "Trunk", "INCALL", "Incall")
+    unique_id = _first_str(raw, "UniqueId")
+    if unique_id is not None and not _ID_RE.fullmatch(unique_id):
+        unique_id = None
+    if not token:
+        return _dialplan_error(401, "unauthorized", "the Token header is required")
+    smart = _smart_or_none(runtime)
+    if smart is None or smart.tokens is None:
+        return _dialplan_error(503, "unavailable", "smart redirect is not running")
+    try:
+        number = await smart.tokens.resolve(token)
+    except Exception as exc:  # fail open: the call must go on without us
+        logger.warning("smart_redirect.token_lookup_failed error=%s", type(exc).__name__)
+        return Response(dialplan_reply("", None), media_type="application/json")
+    if number is None:
+        return _dialplan_error(401, "unauthorized", "unknown Token")
+    if phone is None:
+        return _dialplan_error(422, "validation_error", "Phone is required")
+    decision = await smart.decide(number, phone, trunk=trunk)
+    _journal(runtime, decision, phone, unique_id)
+    return Response(decision.as_reply(), media_type="application/json")
+
+
+def _smart_or_none(runtime: Runtime) -> SmartRedirect | None:
+    smart = runtime.components.get("smart_redirect")
+    return smart if isinstance(smart, SmartRedirect) else None
