@@ -17,7 +17,9 @@ Choices where the platform leaves room (tests pin each one):
   the enterprise's timezone (default ``Europe/Minsk``) to the account's (default: the same).
 - Phones: digits with a leading ``+`` for external numbers (8+ digits), bare digits for
   extensions; ``<unknown>`` and empty phones become ``""``. A popup without a phone or without any
-  extension to notify is not sent (nobody could act on it); the call still goes to history.
+  extension to notify is not sent (nobody could act on it). A call without the customer's number
+  is not uploaded either: RetailCRM requires ``phone`` and a made-up one would create a junk
+  customer; the row ends as ``skipped`` with the reason, visible in the outbox.
 - ``codes`` hold only extensions (2-5 digits): ring groups can list mobile numbers, and the host
   can lose the list (``[""]``).
 - Attribution: the answering extension from the bridge (ConnectedLineNum, CallerIDNum, Exten,
@@ -188,6 +190,9 @@ def history_call(
     call_start = received or started or ended
     if call_start is None:
         return Skip("no call time")
+    phone = normalize_phone(payload.get("Phone"))
+    if not phone:
+        return Skip("no customer phone")
     status = payload.get("CallStatus")
     answered = isinstance(status, str) and status.strip() in _ANSWERED
     talk_from = started or received or call_start
@@ -201,7 +206,7 @@ def history_call(
     call: dict[str, Any] = {
         "date": _to_account_time(call_start, config),
         "type": "out" if call_type(payload) == CALL_OUTGOING else "in",
-        "phone": normalize_phone(payload.get("Phone")),
+        "phone": phone,
         "result": upload_result(status),
         "duration": duration,
         "durationWaiting": waiting,

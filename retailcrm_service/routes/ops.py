@@ -60,10 +60,23 @@ def _cache(runtime: Runtime) -> tuple[dict[str, Any], str | None]:
     return info, None
 
 
+async def _outbox(runtime: Runtime) -> dict[str, Any]:
+    """Backlog and oldest due event of the durable outbox (issue 6); {} when not running."""
+    events = runtime.components.get("events")
+    if events is None:
+        return {}
+    try:
+        async with asyncio.timeout(DB_PROBE_TIMEOUT):
+            return dict(await events.health())
+    except Exception as exc:  # the database probe above already reports the outage
+        return {"error": type(exc).__name__}
+
+
 async def _health(runtime: Runtime) -> JSONResponse:
     database, db_reason = await _database(runtime)
     listener, listener_reason = _listener(runtime)
     cache, cache_reason = _cache(runtime)
+    outbox = await _outbox(runtime)
     reasons = [r for r in (db_reason, listener_reason, cache_reason) if r]
     body = {
         "status": "degraded" if reasons else "ok",
@@ -71,6 +84,7 @@ async def _health(runtime: Runtime) -> JSONResponse:
         "database": database,
         "listener": listener,
         "cache": cache,
+        "outbox": outbox,
     }
     # 503 only when the database is gone: a missing listener or cache still serves requests.
     return JSONResponse(body, status_code=503 if db_reason else 200)

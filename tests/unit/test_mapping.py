@@ -159,20 +159,10 @@ def test_internal_call_is_forwarded_when_the_enterprise_enables_it() -> None:
     assert history[0]["duration"] == 38
 
 
-def test_lost_extensions_and_unknown_number_go_to_history_only() -> None:
+def test_lost_extensions_and_unknown_number_send_nothing() -> None:
     popups, history = _map_call("incoming with lost extensions and unknown number")
-    assert all(isinstance(p, Skip) for p in popups)
-    assert history == [
-        {
-            "date": "2025-11-26 10:30:00",
-            "type": "in",
-            "phone": "",
-            "result": "unknown",
-            "duration": 0,
-            "durationWaiting": 12,
-            "externalId": "1764150400.512",
-        }
-    ]
+    assert popups == [Skip("no customer phone"), Skip("no customer phone")]
+    assert history == [Skip("no customer phone")]
 
 
 def test_crm_originated_internal_leg_is_never_forwarded() -> None:

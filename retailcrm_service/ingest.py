@@ -1,0 +1,260 @@
+"""Intake of ``POST /api/events`` bodies, and the event pipeline component of the service.
+
+``parse_events(body)`` turns a decoded JSON body (one event, or ``{"events": [...]}``) into
+per-event results: a ``StoredEvent`` or an error message. Validation is the library's
+``CallEvent`` (one set of rules and one idempotency-key algorithm for the whole system); a bad
+event is rejected alone and never sinks the others.
+
+``EventPipeline`` is what the app lifespan owns: the group committer (intake) and the delivery
+workers, with ``stats()`` for ``/stats``/``/metrics`` and ``health()`` for ``/health``. Routes
+reach it as ``request.app.state.event_pipeline``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Protocol
+
+import asyncpg
+import httpx
+
+from retailcrm_service.delivery import ConfigSource, DeliveryConfig, DeliveryService, LogSink
+from retailcrm_service.outbox import GroupCommitter, OutboxConfig, StoredEvent
+from retailcrm_service.pacing import PacingConfig
+from vochi_crm_client._backoff import BackoffPolicy
+from vochi_crm_client._config import BreakerConfig
+from vochi_crm_client._event import CallEvent
+
+logger = logging.getLogger(__name__)
+
+MAX_EVENTS = 1000
+MAX_BODY_BYTES = 1024 * 1024
+_FIELDS = ("enterprise_number", "event_type", "call_unique_id", "payload", "occurred_at", "origin")
+
+
+class BodyTooLarge(ValueError):
+    """More events than one request may carry."""
+
+
+class BodyInvalid(ValueError):
+    """The body is JSON but neither an event nor ``{"events": [...]}``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    index: int
+    error: str
+
+
+def parse_events(body: Any) -> list[StoredEvent | Rejected]:
+    """Per event of the body, the event to store or why it was rejected."""
+    if isinstance(body, dict) and "events" in body:
+        items = body["events"]
+        if not isinstance(items, list):
+            raise BodyInvalid('"events" must be a list')
+        if len(items) > MAX_EVENTS:
+            raise BodyTooLarge(f"at most {MAX_EVENTS} events per request, got {len(items)}")
+    elif isinstance(body, dict):
+        items = [body]
+    else:
+        raise BodyInvalid('the body must be an event object or {"events": [...]}')
+    return [_parse_one(index, item) for index, item in enumerate(items)]
+
+
+def _parse_one(index: int, item: Any) -> StoredEvent | Rejected:
+    if not isinstance(item, dict):
+        return Rejected(index, "an event must be an object")
+    missing = [name for name in ("enterprise_number", "event_type") if name not in item]
+    if missing:
+        return Rejected(index, f"missing field(s): {', '.join(missing)}")
+    fields = {name: item[name] for name in _FIELDS if name in item and item[name] is not None}
+    payload = fields.get("payload", {})
+    if not isinstance(payload, dict):
+        return Rejected(index, "payload must be an object")
+    try:
+        event = CallEvent(**fields)
+    except (ValueError, TypeError) as exc:
+        return Rejected(index, _short(str(exc)))
+    return StoredEvent(
+        enterprise_number=event.enterprise_number,
+        event_type=event.event_type,
+        call_unique_id=event.call_unique_id,
+        payload=dict(event.payload),
+        origin=event.origin or "live",
+        idempotency_key=event.idempotency_key,
+        occurred_at=event.occurred_at,
+    )
+
+
+def _short(message: str) -> str:
+    return message if len(message) <= 300 else message[:297] + "..."
+
+
+class Committer(Protocol):
+    async def submit(self, events: Sequence[StoredEvent]) -> list[bool]: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+class NullCommitter:
+    """Accepts everything without storing it: the benchmark's non-durable baseline only."""
+
+    def __init__(self) -> None:
+        self.committed_events = 0
+
+    async def submit(self, events: Sequence[StoredEvent]) -> list[bool]:
+        self.committed_events += len(events)
+        return [True] * len(events)
+
+    def stats(self) -> dict[str, Any]:
+        return {"committed_events": self.committed_events}
+
+
+class EventPipeline:
+    """Intake and delivery of one service instance, owned by the app lifespan."""
+
+    def __init__(
+        self,
+        *,
+        pool: asyncpg.Pool,
+        configs: ConfigSource,
+        logs: LogSink | None = None,
+        http: httpx.AsyncClient | None = None,
+        outbox: OutboxConfig | None = None,
+        delivery: DeliveryConfig | None = None,
+        deliver: bool = True,
+        owner: str | None = None,
+    ) -> None:
+        self.pool = pool
+        self.outbox_config = outbox or OutboxConfig()
+        self.delivery: DeliveryService | None = (
+            DeliveryService(
+                pool=pool,
+                configs=configs,
+                logs=logs,
+                http=http,
+                config=delivery,
+                outbox=self.outbox_config,
+                owner=owner,
+            )
+            if deliver
+            else None
+        )
+        self.committer: Committer = GroupCommitter(
+            pool=pool,
+            config=self.outbox_config,
+            on_commit=self.delivery.wake if self.delivery is not None else None,
+        )
+        self._stack: contextlib.AsyncExitStack | None = None
+        self.received = 0
+        self.accepted = 0
+        self.duplicates = 0
+        self.rejected = 0
+
+    async def __aenter__(self) -> EventPipeline:
+        async with contextlib.AsyncExitStack() as stack:
+            if self.delivery is not None:
+                await stack.enter_async_context(self.delivery)
+            assert isinstance(self.committer, GroupCommitter)
+            await stack.enter_async_context(self.committer)
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._stack is not None:
+            await self._stack.__aexit__(exc_type, exc, tb)
+            self._stack = None
+
+    def count(self, accepted: int, duplicates: int, rejected: int) -> None:
+        self.received += accepted + duplicates + rejected
+        self.accepted += accepted
+        self.duplicates += duplicates
+        self.rejected += rejected
+
+    def stats(self) -> dict[str, Any]:
+        """JSON-serialisable; numeric leaves become gauges in ``/metrics``."""
+        out: dict[str, Any] = {
+            "intake": {
+                "received": self.received,
+                "accepted": self.accepted,
+                "duplicates": self.duplicates,
+                "rejected": self.rejected,
+                **self.committer.stats(),
+            }
+        }
+        if self.delivery is not None:
+            out.update(self.delivery.stats())
+        return out
+
+    async def health(self) -> dict[str, Any]:
+        """Backlog and oldest due event (from the database)."""
+        if self.delivery is None:
+            return {}
+        return await self.delivery.health()
+
+
+def configs_from_env(
+    environ: Mapping[str, str] | None = None,
+) -> tuple[OutboxConfig, DeliveryConfig]:
+    """Pipeline tunables from ``RETAILCRM_OUTBOX_*`` / ``RETAILCRM_DELIVERY_*`` (tests, ops).
+
+    ``RETAILCRM_OUTBOX_POPUP_TTL`` (30 s), ``RETAILCRM_OUTBOX_LEASE_SECONDS`` (60 s),
+    ``RETAILCRM_OUTBOX_MAX_ATTEMPTS`` (50), ``RETAILCRM_OUTBOX_RETRY_CAP`` (300 s),
+    ``RETAILCRM_DELIVERY_POLL_INTERVAL`` (0.5 s), ``RETAILCRM_DELIVERY_BREAKER_OPEN_MAX`` (60 s),
+    ``RETAILCRM_PACING_GENERAL_RPS`` (8), ``RETAILCRM_PACING_TELEPHONY_RPS`` (32).
+    """
+    env = os.environ if environ is None else environ
+
+    def number(name: str, default: float) -> float:
+        raw = env.get(name, "").strip()
+        try:
+            return float(raw) if raw else default
+        except ValueError:
+            raise ValueError(f"{name} must be a number, got {raw!r}") from None
+
+    retry_cap = number("RETAILCRM_OUTBOX_RETRY_CAP", 300.0)
+    outbox = OutboxConfig(
+        popup_ttl=number("RETAILCRM_OUTBOX_POPUP_TTL", 30.0),
+        lease_seconds=number("RETAILCRM_OUTBOX_LEASE_SECONDS", 60.0),
+        max_attempts=int(number("RETAILCRM_OUTBOX_MAX_ATTEMPTS", 50)),
+        retry=BackoffPolicy(base=min(1.0, retry_cap), cap=retry_cap),
+    )
+    open_max = number("RETAILCRM_DELIVERY_BREAKER_OPEN_MAX", 60.0)
+    delivery = DeliveryConfig(
+        poll_interval=number("RETAILCRM_DELIVERY_POLL_INTERVAL", 0.5),
+        breaker=BreakerConfig(open_base=min(2.0, open_max), open_max=open_max),
+        pacing=PacingConfig(
+            general_rps=number("RETAILCRM_PACING_GENERAL_RPS", 8.0),
+            telephony_rps=number("RETAILCRM_PACING_TELEPHONY_RPS", 32.0),
+        ),
+    )
+    return outbox, delivery
+
+
+@contextlib.asynccontextmanager
+async def events_component(runtime: Any) -> AsyncIterator[EventPipeline]:
+    """The app lifespan's component (``app.COMPONENTS``): intake + delivery + stats source."""
+    outbox, delivery = configs_from_env()
+    async with EventPipeline(
+        pool=runtime.pool,
+        configs=runtime.configs,
+        logs=runtime.logs,
+        http=runtime.http,
+        outbox=outbox,
+        delivery=delivery,
+    ) as events:
+        runtime.metrics.add_source("outbox", events.stats)
+        try:
+            yield events
+        finally:
+            runtime.metrics.remove_source("outbox")

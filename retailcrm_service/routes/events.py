@@ -1,0 +1,119 @@
+"""``POST /api/events`` (durable intake) and ``POST /api/events/replay`` (ARCHITECTURE.md §4).
+
+The 202 is sent only after the accepted events are committed; a database failure answers 503
+``unavailable`` and nothing of that request is stored, so the caller may simply retry.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from retailcrm_service.auth import require_internal
+from retailcrm_service.ingest import (
+    MAX_BODY_BYTES,
+    BodyInvalid,
+    BodyTooLarge,
+    EventPipeline,
+    Rejected,
+    parse_events,
+)
+from retailcrm_service.outbox import OutboxError, replay
+from retailcrm_service.routes import ApiError, read_json
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(dependencies=[Depends(require_internal)])
+
+
+def pipeline(request: Request) -> EventPipeline:
+    found = getattr(request.app.state, "event_pipeline", None)
+    runtime = getattr(request.app.state, "runtime", None)
+    if found is None and runtime is not None:
+        found = runtime.components.get("events")
+    if found is None:
+        raise ApiError(503, "unavailable", "the event pipeline is not running")
+    return found  # type: ignore[no-any-return]
+
+
+@router.post("/api/events", status_code=202)
+async def post_events(request: Request) -> JSONResponse:
+    body = await read_json(request, max_bytes=MAX_BODY_BYTES)
+    try:
+        parsed = parse_events(body)
+    except BodyTooLarge as exc:
+        raise ApiError(413, "too_large", str(exc)) from None
+    except BodyInvalid as exc:
+        raise ApiError(400, "invalid_body", str(exc)) from None
+    events = [p for p in parsed if not isinstance(p, Rejected)]
+    rejected = [{"index": p.index, "error": p.error} for p in parsed if isinstance(p, Rejected)]
+    runtime = pipeline(request)
+    try:
+        fresh = await runtime.committer.submit(events)
+    except OutboxError as exc:
+        logger.warning("events.not_committed events=%d error=%s", len(events), exc)
+        raise ApiError(
+            503, "unavailable", "events not stored; retry later", headers={"Retry-After": "1"}
+        ) from None
+    accepted = sum(fresh)
+    runtime.count(accepted, len(fresh) - accepted, len(rejected))
+    return JSONResponse(
+        {"accepted": accepted, "duplicates": len(fresh) - accepted, "rejected": rejected},
+        status_code=202,
+    )
+
+
+@router.post("/api/events/replay")
+async def replay_events(request: Request) -> dict[str, Any]:
+    """Re-deliver one event (``id`` or ``idempotency_key``) or an enterprise's failed events.
+
+    Body: ``{"enterprise_number", "id"? | "idempotency_key"? | "since"? (ISO-8601),
+    "states"? (default dead, expired, superseded)}``.
+    """
+    body = await read_json(request, max_bytes=64 * 1024)
+    if not isinstance(body, dict):
+        raise ApiError(422, "validation_error", "the body must be a JSON object")
+    fields = _replay_fields(body)
+    runtime = pipeline(request)
+    count = await replay(runtime.pool, **fields)
+    if runtime.delivery is not None:
+        runtime.delivery.wake()
+    return {"replayed": count}
+
+
+def _replay_fields(body: dict[str, Any]) -> dict[str, Any]:
+    errors: dict[str, str] = {}
+    number = body.get("enterprise_number")
+    if not isinstance(number, str) or not number:
+        errors["enterprise_number"] = "required string"
+    event_id = body.get("id")
+    if event_id is not None and (isinstance(event_id, bool) or not isinstance(event_id, int)):
+        errors["id"] = "must be an integer"
+    key = body.get("idempotency_key")
+    if key is not None and not isinstance(key, str):
+        errors["idempotency_key"] = "must be a string"
+    since = None
+    if body.get("since") is not None:
+        try:
+            since = datetime.fromisoformat(str(body["since"]))
+            if since.tzinfo is None:
+                raise ValueError
+        except ValueError:
+            errors["since"] = "must be an ISO-8601 time with a timezone"
+    states = body.get("states", ["dead", "expired", "superseded"])
+    allowed = {"dead", "expired", "superseded", "skipped", "delivered"}
+    if not isinstance(states, list) or not states or not set(states) <= allowed:
+        errors["states"] = f"a non-empty list of {sorted(allowed)}"
+    if errors:
+        raise ApiError(422, "validation_error", "invalid replay request", fields=errors)
+    return {
+        "enterprise_number": number,
+        "event_id": event_id,
+        "idempotency_key": key,
+        "since": since,
+        "states": states,
+    }

@@ -1,0 +1,154 @@
+"""Shared setup for pipeline tests: the fixture calls as contract events, a sandbox account wired
+to an enterprise, and waiting for the outbox to drain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+
+FIXTURES = Path("/work/shared/fixtures/asterisk-calls.jsonl")
+_LOCAL = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "asterisk-calls.jsonl"
+ENTERPRISE = "0367"
+USER_EXTENSIONS = {"19": "150", "20": "151", "21": "152"}
+MODULE_CODE = "vochi-telephony"
+
+
+def fixture_records() -> list[dict[str, Any]]:
+    path = _LOCAL if _LOCAL.exists() else FIXTURES
+    return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
+
+
+def fixture_events(enterprise: str = ENTERPRISE) -> list[dict[str, Any]]:
+    """Every fixture webhook (but ``start``) as the call service posts it (ARCHITECTURE.md §4)."""
+    events = []
+    for record in fixture_records():
+        if record["event"] == "start":
+            continue
+        body = dict(record["body"])
+        event: dict[str, Any] = {
+            "enterprise_number": enterprise,
+            "event_type": record["event"],
+            "call_unique_id": body["UniqueId"],
+            "payload": body,
+        }
+        if body.get("origin") == "download":
+            event["origin"] = "download"
+        events.append(event)
+    return events
+
+
+def sandbox_users() -> list[dict[str, Any]]:
+    return [
+        {"id": int(uid), "firstName": f"Manager {ext}", "status": "free", "online": True}
+        for uid, ext in USER_EXTENSIONS.items()
+    ]
+
+
+def module(base_url: str) -> dict[str, Any]:
+    """The telephony module our service registers (what issue 4 sends), enough for call events."""
+    return {
+        "code": MODULE_CODE,
+        "integrationCode": MODULE_CODE,
+        "active": True,
+        "name": "Vochi-CRM",
+        "logo": f"{base_url}/logo.svg",
+        "baseUrl": base_url,
+        "clientId": "e2e-client-id-0123456789abcdef0123456789",
+        "integrations": {
+            "telephony": {
+                "makeCallUrl": f"{base_url}/retailcrm/make-call",
+                "allowEdit": False,
+                "inputEventSupported": True,
+                "outputEventSupported": True,
+                "hangupEventSupported": True,
+                "additionalCodes": [
+                    {"userId": int(uid), "code": ext} for uid, ext in USER_EXTENSIONS.items()
+                ],
+            }
+        },
+    }
+
+
+def prepare_sandbox(sandbox_url: str, api_key: str, account: str = "test") -> None:
+    """Seed the users and register the telephony module for ``api_key``."""
+    httpx.post(
+        f"{sandbox_url}/_sandbox/seed",
+        json={"accounts": [{"name": account, "api_key": api_key, "users": sandbox_users()}]},
+        timeout=10,
+    ).raise_for_status()
+    response = httpx.post(
+        f"{sandbox_url}/api/v5/integration-modules/{MODULE_CODE}/edit",
+        data={"integrationModule": json.dumps(module("https://pbx.example"))},
+        headers={"X-API-KEY": api_key},
+        timeout=10,
+    )
+    assert response.status_code in (200, 201), response.text
+
+
+async def add_enterprise(
+    conn: asyncpg.Connection, sandbox_url: str, api_key: str, number: str = ENTERPRISE, **extra: Any
+) -> None:
+    config = {
+        "enabled": True,
+        "domain": sandbox_url,
+        "api_key": api_key,
+        "user_extensions": USER_EXTENSIONS,
+        **extra,
+    }
+    await conn.execute(
+        """INSERT INTO enterprises (number, name, name2, secret, integrations_config)
+           VALUES ($1, $2, $3, $4, jsonb_build_object('retailcrm', $5::jsonb))""",
+        number,
+        f"Enterprise {number}",
+        "375291110001" if number == ENTERPRISE else f"token-{number}",
+        f"{number:0>32}",
+        json.dumps(config),
+    )
+
+
+async def wait_drained(database_url: str, timeout: float = 30.0) -> dict[str, int]:
+    """Until no outbox row is pending; returns the count of rows per state."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = await conn.fetch("SELECT state, count(*) AS n FROM retailcrm_outbox GROUP BY 1")
+            states = {r["state"]: r["n"] for r in rows}
+            if not states.get("pending") or time.monotonic() > deadline:
+                return states
+            await asyncio.sleep(0.1)
+    finally:
+        await conn.close()
+
+
+def expected_calls() -> dict[str, dict[str, Any]]:
+    """The calls RetailCRM must hold after the fixture, by externalId (see test_mapping)."""
+    return {
+        "1764150000.101": {
+            "date": "2025-11-26 10:00:00",
+            "type": "in",
+            "phone": "+375291234567",
+            "result": "answered",
+            "duration": 161,
+            "durationWaiting": 3,
+            "code": "152",
+            "userId": 21,
+            "recordUrl": "https://pbx.example/recordings/file/3f6c1d2e-aaaa-bbbb-cccc-0123456789ab",
+        },
+        "1764150100.205": {
+            "type": "in",
+            "result": "no answer",
+            "duration": 0,
+            "durationWaiting": 31,
+            "code": "150",
+            "userId": 19,
+        },
+        "1764150200.310": {"type": "out", "result": "answered", "code": "151", "userId": 20},
+        "1764140000.77": {"type": "in", "result": "answered", "duration": 95},
+    }
