@@ -27,18 +27,21 @@ keywords plus ``api_keys=[...]`` (one full-access account per key).
 Seed document (``POST /_sandbox/seed {"accounts": [...]}``; an existing name is extended)::
 
     {"name": "acme", "api_key": "KEY", "scopes": [...]  (default: every scope in SCOPES),
-     "api_keys": [{"key": "KEY2", "scopes": ["user_read"]}], "sites": ["main"], "exists": true,
+     "key_sites": null, "api_keys": [{"key": "KEY2", "scopes": ["user_read"], "sites": ["main"]}],
+     "sites": ["main"], "exists": true,
      "demo": false, "users": [{"id": 7, "firstName": "Ann", "status": "free", "online": true,
      "groups": ["manager"], ...}], "customers": [{"id": 15, "phones": ["+79001234567"],
      "managerId": 7, ...}], "orders": [{"id": 1, "customerId": 15, "managerId": 7, ...}]}
 
 Control API (JSON; errors as ``{"error": {"code", "message"}}``):
 
-- ``GET /_sandbox/state[?account=NAME]``: accounts (masked keys and scopes, sites, users,
-  customers, orders, ``modules`` with ``history``, ``events``, ``popups`` and ``openPopups`` per
-  user id, ``calls`` with ``duplicates`` counts, ``statusChanges``), ``requests`` (method, path,
-  masked query, ``auth`` {via, masked key}, decoded ``form``, status, response),
-  ``rateLimitRejections`` {count, recent}, ``callbacks`` (each with its response), ``faults``.
+- ``GET /_sandbox/state[?account=NAME&requests=N&since=SEQ]``: ``accounts`` (masked keys with
+  scopes and sites, users, customers, orders, ``modules`` with ``history``, ``events``,
+  ``popups`` and ``openPopups`` per user id, ``calls`` with ``duplicates`` counts,
+  ``statusChanges``), ``requests`` (seq, method, path, masked query, ``auth`` {via, masked
+  key}, decoded ``form`` (the query for GET), status, response; ``since`` keeps entries with a
+  larger ``seq``, ``requests`` the last N), ``rateLimitRejections`` {count, recent},
+  ``callbacks`` (each with its response), ``faults``. Module ``clientId`` values are masked.
 - ``POST /_sandbox/reset``: back to the accounts the sandbox started with.
 - ``POST /_sandbox/seed``: see above.
 - ``POST|GET|DELETE /_sandbox/faults``: ``{"endpoint": "telephony/*" (glob over method names such as

@@ -85,8 +85,18 @@ def credentials(ctx: Context) -> Reply:
         "success": True,
         "scopes": sorted(ctx.key.scopes),
         "credentials": methods,
-        "siteAccess": "access_full",
-        "sitesAvailable": list(ctx.account.sites),
+        "siteAccess": "access_selective" if ctx.key.sites is not None else "access_full",
+        "sitesAvailable": list(ctx.account.sites if ctx.key.sites is None else ctx.key.sites),
+    }
+
+
+def system_info(ctx: Context) -> Reply:
+    return 200, {
+        "success": True,
+        "language": "ru",
+        "systemVersion": "8.0.0-sandbox",
+        "publicUrl": ctx.base_url,
+        "technicalUrl": ctx.base_url,
     }
 
 
@@ -293,8 +303,6 @@ def telephony_manager(ctx: Context) -> Reply:
     ignore = parse_bool(
         "ignoreStatus", scalar(ctx.params, "ignoreStatus", required=False), strict=strict
     )
-    if not digits(phone):
-        raise ApiError(400, INPUT_ERRORS, {"phone": "This value is not a valid phone number."})
     account = ctx.account
     customer = _find_customer(account, phone)
     orders = _customer_orders(account, customer, phone)
@@ -499,6 +507,7 @@ def _endpoint(
 ENDPOINTS: tuple[Endpoint, ...] = (
     _endpoint("api-versions", "GET", None, api_versions, v5=False),
     _endpoint("credentials", "GET", None, credentials, v5=False),
+    _endpoint("system-info", "GET", None, system_info, v5=False),
     _endpoint("integration-modules/{code}", "GET", "integration_read", module_get),
     _endpoint("integration-modules/{code}/edit", "POST", "integration_write", module_edit),
     _endpoint("telephony/call/event", "POST", "telephony_write", call_event),

@@ -110,7 +110,13 @@ def _control_routes(sandbox: Sandbox) -> list[Route]:
         return request.app.state.callback_client  # type: ignore[no-any-return]
 
     async def state(request: Request, body: dict[str, Any]) -> Any:
-        return sandbox.state.view(account=request.query_params.get("account"))
+        query = request.query_params
+        try:
+            requests = int(query["requests"]) if "requests" in query else None
+            since = int(query.get("since", 0))
+        except ValueError as exc:
+            raise ControlError(422, "invalid_query", "requests and since are integers") from exc
+        return sandbox.state.view(account=query.get("account"), requests=requests, since=since)
 
     async def reset(request: Request, body: dict[str, Any]) -> Any:
         sandbox.reset()

@@ -85,9 +85,11 @@ class _Runner:
         self.url = f"http://{host}:{self.port}"
         self._server = _uvicorn(self.app)
 
-    def state(self, account: str | None = None) -> dict[str, Any]:
+    def state(
+        self, account: str | None = None, *, requests: int | None = None, since: int = 0
+    ) -> dict[str, Any]:
         """A snapshot of everything the sandbox recorded (same as ``GET /_sandbox/state``)."""
-        return self.sandbox.state.view(account=account)
+        return self.sandbox.state.view(account=account, requests=requests, since=since)
 
     def seed(self, *accounts: dict[str, Any]) -> None:
         self.sandbox.seed(accounts)
@@ -158,6 +160,15 @@ class AsyncSandboxServer(_Runner):
             self._sock.close()
 
 
+def _state_query(account: str | None, requests: int | None, since: int) -> dict[str, str]:
+    query = {"since": str(since)}
+    if account:
+        query["account"] = account
+    if requests is not None:
+        query["requests"] = str(requests)
+    return query
+
+
 def _click_spec(**kw: Any) -> dict[str, Any]:
     return {
         "account": kw["account"],
@@ -183,10 +194,12 @@ class SandboxControl:
         reply.raise_for_status()
         return reply.json()
 
-    def state(self, account: str | None = None) -> dict[str, Any]:
-        return self._http.get(
-            "/_sandbox/state", params={"account": account} if account else {}
-        ).json()
+    def state(
+        self, account: str | None = None, *, requests: int | None = None, since: int = 0
+    ) -> dict[str, Any]:
+        reply = self._http.get("/_sandbox/state", params=_state_query(account, requests, since))
+        reply.raise_for_status()
+        return reply.json()  # type: ignore[no-any-return]
 
     def reset(self) -> None:
         self._call("POST", "reset")
@@ -245,9 +258,13 @@ class AsyncSandboxControl:
         reply.raise_for_status()
         return reply.json()
 
-    async def state(self, account: str | None = None) -> dict[str, Any]:
-        params = {"account": account} if account else {}
-        return (await self._http.get("/_sandbox/state", params=params)).json()  # type: ignore[no-any-return]
+    async def state(
+        self, account: str | None = None, *, requests: int | None = None, since: int = 0
+    ) -> dict[str, Any]:
+        params = _state_query(account, requests, since)
+        reply = await self._http.get("/_sandbox/state", params=params)
+        reply.raise_for_status()
+        return reply.json()  # type: ignore[no-any-return]
 
     async def reset(self) -> None:
         await self._call("POST", "reset")

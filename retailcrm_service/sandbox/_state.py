@@ -48,9 +48,12 @@ def phones_match(a: str, b: str) -> bool:
 class ApiKey:
     key: str
     scopes: frozenset[str]
+    sites: tuple[str, ...] | None = None
+    """Store codes the key may use; None: every store of the account."""
 
     def view(self) -> dict[str, Any]:
-        return {"key": mask(self.key), "scopes": sorted(self.scopes)}
+        sites = None if self.sites is None else list(self.sites)
+        return {"key": mask(self.key), "scopes": sorted(self.scopes), "sites": sites}
 
 
 @dataclass
@@ -360,7 +363,13 @@ class SandboxState:
         account = self.accounts.get(name) or Account(name=name, sites=list(self.default_sites))
         keys = list(spec.get("api_keys") or [])
         if spec.get("api_key"):
-            keys.append({"key": spec["api_key"], "scopes": spec.get("scopes")})
+            keys.append(
+                {
+                    "key": spec["api_key"],
+                    "scopes": spec.get("scopes"),
+                    "sites": spec.get("key_sites"),
+                }
+            )
         for item in keys:
             item = item if isinstance(item, dict) else {"key": item}
             key = str(item.get("key") or "")
@@ -369,8 +378,12 @@ class SandboxState:
             owner = self.by_key.get(key)
             if owner is not None and owner[0] is not account:
                 raise ControlError(409, "key_in_use", "this API key belongs to another account")
-            scopes = item.get("scopes")
-            api_key = ApiKey(key=key, scopes=frozenset(SCOPES if scopes is None else scopes))
+            scopes, sites = item.get("scopes"), item.get("sites")
+            api_key = ApiKey(
+                key=key,
+                scopes=frozenset(SCOPES if scopes is None else scopes),
+                sites=None if sites is None else tuple(str(s) for s in sites),
+            )
             account.keys[key] = api_key
             self.by_key[key] = (account, api_key)
         if "sites" in spec:
@@ -398,14 +411,20 @@ class SandboxState:
             entry["seq"] = self.request_seq
             self.request_log.append(entry)
 
-    def view(self, *, account: str | None = None) -> dict[str, Any]:
+    def view(
+        self, *, account: str | None = None, requests: int | None = None, since: int = 0
+    ) -> dict[str, Any]:
+        """Everything, or one account; the request log limited to ``seq > since``, last N."""
         with self.lock:
             accounts = [self.account(account)] if account else list(self.accounts.values())
+            log = [entry for entry in self.request_log if entry["seq"] > since]
+            if requests is not None:
+                log = log[-requests:] if requests > 0 else []
             return copy.deepcopy(
                 {
                     "accounts": {a.name: a.view() for a in accounts},
                     "accountMissing": self.account_missing,
-                    "requests": list(self.request_log),
+                    "requests": log,
                     "rateLimitRejections": {
                         "count": self.rejection_count,
                         "recent": list(self.rejections),

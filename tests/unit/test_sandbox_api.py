@@ -912,3 +912,39 @@ async def test_request_log_decodes_forms_and_masks_keys_and_client_ids() -> None
         assert get["query"] == [["apiKey", "***cdef"]]
         assert get["response"]["user"]["id"] == 1
         assert state["accounts"]["acme"]["keys"][0]["key"] == "***cdef"
+
+
+async def test_system_info_and_key_sites_in_credentials() -> None:
+    accounts = [
+        {
+            "name": "shop",
+            "sites": ["main", "second"],
+            "api_keys": [{"key": KEY, "sites": ["second"]}, {"key": OTHER_KEY}],
+        }
+    ]
+    app = create_sandbox_app(accounts=accounts, rate_limit=False)
+    async with crm_for(app) as crm:
+        info = (await crm.get("/api/system-info")).json()
+        assert info["success"] is True
+        assert info["publicUrl"] == "http://acme.test"
+        creds = (await crm.get("/api/credentials")).json()
+        assert (creds["siteAccess"], creds["sitesAvailable"]) == ("access_selective", ["second"])
+    async with crm_for(app, key=OTHER_KEY) as crm:
+        creds = (await crm.get("/api/credentials")).json()
+        assert (creds["siteAccess"], creds["sitesAvailable"]) == ("access_full", ["main", "second"])
+
+
+async def test_unparseable_phone_finds_no_manager(crm: Crm) -> None:
+    body = (await crm.get("/api/v5/telephony/manager", phone="<unknown>")).json()
+    assert body == {"success": True}
+
+
+async def test_state_request_log_can_be_limited_and_followed(crm: Crm) -> None:
+    for user_id in (1, 2, 3):
+        await crm.get(f"/api/v5/users/{user_id}")
+    full = crm.sandbox.state.view()["requests"]
+    assert [r["path"] for r in full] == ["/api/v5/users/1", "/api/v5/users/2", "/api/v5/users/3"]
+    last = crm.sandbox.state.view(requests=1)["requests"]
+    assert [r["path"] for r in last] == ["/api/v5/users/3"]
+    after = crm.sandbox.state.view(since=full[0]["seq"])["requests"]
+    assert [r["seq"] for r in after] == [full[1]["seq"], full[2]["seq"]]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from retailcrm_service.sandbox import ApiError
 from retailcrm_service.sandbox._params import (
@@ -145,3 +147,25 @@ def test_limits_are_per_key_and_per_bucket() -> None:
     assert limiter.allow("a", "telephony")
     assert limiter.allow("a", "telephony")
     assert not limiter.allow("a", "telephony")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    gaps=st.lists(st.floats(min_value=0, max_value=0.5, allow_nan=False), max_size=80),
+    limit=st.integers(min_value=1, max_value=12),
+)
+def test_limiter_never_admits_more_than_the_limit_in_any_window(
+    gaps: list[float], limit: int
+) -> None:
+    """Accepted requests never exceed the limit inside a second; a refusal means it was full."""
+    clock = FakeClock()
+    limiter = SlidingWindowLimiter(limits={"general": limit}, clock=clock)
+    accepted: list[float] = []
+    for gap in gaps:
+        clock.now += gap
+        recent = [t for t in accepted if t > clock.now - 1.0 + 1e-6]
+        if limiter.allow("k", "general"):
+            assert len(recent) < limit
+            accepted.append(clock.now)
+        else:
+            assert len(recent) >= limit
