@@ -221,7 +221,11 @@ def call_event(ctx: Context) -> Reply:
             "at": ctx.now,
             "module": module.code,
             "event": event,
-            "extra": {k: v for k, v in ctx.params.items() if k not in ("event", "apiKey")},
+            "extra": {
+                k: mask(v) if k == "clientId" and isinstance(v, str) else v
+                for k, v in ctx.params.items()
+                if k not in ("event", "apiKey")
+            },
             "users": affected,
         }
     )

@@ -79,6 +79,16 @@ def _decode(value: Any) -> Any:
     return value
 
 
+def redact_form(params: dict[str, Any]) -> dict[str, Any]:
+    """Decoded parameters for the log: no ``apiKey``, module and form ``clientId`` masked."""
+    form = _decode({k: v for k, v in params.items() if k != "apiKey"})
+    if "integrationModule" in form:
+        form["integrationModule"] = redact_module(form["integrationModule"])
+    if isinstance(form.get("clientId"), str):
+        form["clientId"] = mask(form["clientId"])
+    return form
+
+
 def _masked_pairs(pairs: list[tuple[str, str]]) -> list[list[str]]:
     return [[k, mask(v) or ""] if k == "apiKey" else [k, v] for k, v in pairs]
 
@@ -190,6 +200,10 @@ class Sandbox:
             response = await self._handle(request, entry)
         except ApiError as exc:
             response = Outgoing(exc.status, exc.body())
+        except Exception:
+            # A sandbox bug must look like a RetailCRM 500, and still be logged and visible.
+            logger.exception("sandbox.handler_failed path=%s", request.path)
+            response = Outgoing(500, {"success": False, "errorMsg": INTERNAL_ERROR})
         entry["status"] = response.status
         entry["response"] = response.body if response.body is not None else response.html
         entry["durationMs"] = round((self.clock() - started) * 1000, 3)
@@ -215,10 +229,7 @@ class Sandbox:
             )
         entry["endpoint"] = endpoint.name
         params = self._params(request)
-        form = _decode({k: v for k, v in params.items() if k != "apiKey"})
-        if "integrationModule" in form:
-            form["integrationModule"] = redact_module(form["integrationModule"])
-        entry["form"] = form
+        entry["form"] = redact_form(params)
         faulted = await self._apply_faults(endpoint, request.method)
         if faulted is not None:
             return faulted

@@ -61,9 +61,9 @@ def parse_params(pairs: Iterable[tuple[str, str]]) -> Params:
 
 
 def scalar(params: Params, name: str, *, required: bool = True) -> str | None:
-    """A scalar parameter; nested keys -> non-scalar error, absence -> missing error."""
+    """A scalar parameter; nested keys -> non-scalar error, absence (or empty) -> missing error."""
     value = params.get(name)
-    if value is None:
+    if value is None or (required and value == ""):
         if required:
             raise missing_parameter(name)
         return None

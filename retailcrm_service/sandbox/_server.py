@@ -309,6 +309,21 @@ class AsyncSandboxControl:
         return (await self._call("POST", "callbacks/activity", spec))["callback"]  # type: ignore[no-any-return]
 
 
+def cli_accounts(api_keys: Sequence[str]) -> tuple[list[dict[str, Any]], str | None]:
+    """Accounts ``account-1``.. with full telephony access and the demo data, one per key;
+    without keys, the account ``demo`` with a generated key (returned, to be shown once)."""
+    if api_keys:
+        accounts = [
+            {"name": f"account-{i}", "api_key": key, "scopes": sorted(SCOPES), "demo": True}
+            for i, key in enumerate(api_keys, start=1)
+        ]
+        return accounts, None
+    generated = secrets.token_hex(16)
+    return [
+        {"name": "demo", "api_key": generated, "scopes": sorted(SCOPES), "demo": True}
+    ], generated
+
+
 def serve(
     *,
     host: str = "127.0.0.1",
@@ -317,15 +332,7 @@ def serve(
     rate_limit: bool = True,
 ) -> None:
     """``retailcrm-service sandbox``: one account per key (or a demo account), until interrupted."""
-    if api_keys:
-        accounts = [
-            {"name": f"account-{i}", "api_key": key, "scopes": sorted(SCOPES), "demo": True}
-            for i, key in enumerate(api_keys, start=1)
-        ]
-        generated = None
-    else:
-        generated = secrets.token_hex(16)
-        accounts = [{"name": "demo", "api_key": generated, "scopes": sorted(SCOPES), "demo": True}]
+    accounts, generated = cli_accounts(api_keys)
     app = create_sandbox_app(accounts=accounts, rate_limit=rate_limit)
     sock = _bind(host, port)
     print(f"RetailCRM sandbox: http://{host}:{sock.getsockname()[1]}", flush=True)

@@ -396,6 +396,12 @@ async def test_call_event_without_the_field_is_parameter_missing(crm: Crm) -> No
     )
 
 
+async def test_an_empty_entity_field_is_parameter_missing(crm: Crm) -> None:
+    assert (await crm.post("/api/v5/telephony/call/event", event="")).json()["errorMsg"] == (
+        "Parameter 'event' is missing"
+    )
+
+
 async def test_call_event_as_nested_keys_is_the_non_scalar_error(crm: Crm) -> None:
     response = await crm.post(
         "/api/v5/telephony/call/event", **{"event[phone]": "+1", "event[type]": "in"}
@@ -478,12 +484,13 @@ async def test_events_are_kept_in_arrival_order_with_extra_form_fields(crm: Crm)
     await crm.post(
         "/api/v5/telephony/call/event",
         event=json.dumps({"phone": "+1", "type": "in", "codes": ["150"]}),
-        clientId="ignored-extra",
+        clientId="extra-client-id-0123456789",
     )
     await crm.event(phone="+1", type="hangup", codes=["150"])
     events = crm.account()["events"]
     assert [e["event"]["type"] for e in events] == ["in", "hangup"]
-    assert events[0]["extra"] == {"clientId": "ignored-extra"}
+    assert events[0]["extra"] == {"clientId": "***6789"}  # an extra field VOCHI sends, masked
+    assert crm.state()["requests"][-2]["form"]["clientId"] == "***6789"
 
 
 # --- calls upload -----------------------------------------------------------------------------
@@ -948,3 +955,21 @@ async def test_state_request_log_can_be_limited_and_followed(crm: Crm) -> None:
     assert [r["path"] for r in last] == ["/api/v5/users/3"]
     after = crm.sandbox.state.view(since=full[0]["seq"])["requests"]
     assert [r["seq"] for r in after] == [full[1]["seq"], full[2]["seq"]]
+
+
+async def test_cli_accounts_give_each_key_full_telephony_access() -> None:
+    from retailcrm_service.sandbox._server import cli_accounts
+
+    accounts, generated = cli_accounts(["key-one-0123456789", "key-two-0123456789"])
+    assert generated is None
+    app = create_sandbox_app(accounts=accounts, rate_limit=False)
+    for key in ("key-one-0123456789", "key-two-0123456789"):
+        async with crm_for(app, key=key) as crm:
+            assert (await crm.register()).status_code in (200, 201)
+            assert (await crm.event(phone="+1", type="in", codes=["150"])).status_code == 200
+            assert (await crm.get("/api/v5/users")).json()["pagination"]["totalCount"] == 5
+    assert sorted(app.state.sandbox.state.accounts) == ["account-1", "account-2"]
+    demo, key = cli_accounts([])
+    assert key is not None
+    assert len(key) >= 32
+    assert demo[0]["name"] == "demo"
