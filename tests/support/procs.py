@@ -32,6 +32,7 @@ from typing import Any
 import httpx
 
 VENV_BIN = Path(sys.executable).parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 30.0
 
 
@@ -62,7 +63,11 @@ class ServiceProcess:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.ready_path = ready_path
-        self.env = {**os.environ, **(env or {})}
+        # The checkout first on the path: the processes run this tree's code whatever was installed.
+        python_path = os.pathsep.join(
+            p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p
+        )
+        self.env = {**os.environ, "PYTHONPATH": python_path, **(env or {})}
         self.name = name
         self.log_path = Path(tempfile.mkstemp(prefix=f"vochi-{name}-", suffix=".log")[1])
         self.proc: subprocess.Popen[bytes] | None = None
@@ -75,7 +80,8 @@ class ServiceProcess:
         full_env = {
             "DATABASE_URL": database_url,
             "RETAILCRM_ALLOW_HTTP": "1",
-            "RETAILCRM_JWT_SECRET": "e2e-jwt-secret-0123456789abcdef",
+            "RETAILCRM_JWT_SECRET": "e2e-jwt-secret-0123456789abcdef-0123456789abcdef",
+            "RETAILCRM_DATA_DIR": tempfile.mkdtemp(prefix="vochi-e2e-"),
             "PYTHONUNBUFFERED": "1",
             **(env or {}),
         }
