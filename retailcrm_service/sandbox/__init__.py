@@ -77,6 +77,7 @@ from retailcrm_service.sandbox._server import (
     AsyncSandboxServer,
     SandboxControl,
     SandboxServer,
+    cli_accounts,
     serve,
 )
 from retailcrm_service.sandbox._state import mask
@@ -92,6 +93,7 @@ __all__ = [
     "SandboxControl",
     "SandboxError",
     "SandboxServer",
+    "cli_accounts",
     "create_sandbox_app",
     "mask",
     "serve",

@@ -81,7 +81,7 @@ def _decode(value: Any) -> Any:
 
 def redact_form(params: dict[str, Any]) -> dict[str, Any]:
     """Decoded parameters for the log: no ``apiKey``, module and form ``clientId`` masked."""
-    form = _decode({k: v for k, v in params.items() if k != "apiKey"})
+    form: dict[str, Any] = _decode({k: v for k, v in params.items() if k != "apiKey"})
     if "integrationModule" in form:
         form["integrationModule"] = redact_module(form["integrationModule"])
     if isinstance(form.get("clientId"), str):

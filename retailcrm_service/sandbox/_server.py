@@ -139,10 +139,16 @@ class AsyncSandboxServer(_Runner):
         self._group = anyio.create_task_group()
         await self._group.__aenter__()
         self._group.start_soon(self._server.serve, [self._sock])
-        with anyio.fail_after(_START_DEADLINE):
-            # uvicorn offers no "started" event to wait on, only this flag.
-            while not self._server.started:  # noqa: ASYNC110
-                await anyio.sleep(0.005)
+        try:
+            with anyio.fail_after(_START_DEADLINE):
+                # uvicorn offers no "started" event to wait on, only this flag.
+                while not self._server.started:  # noqa: ASYNC110
+                    await anyio.sleep(0.005)
+        except BaseException as exc:
+            self._server.should_exit = True
+            await self._group.__aexit__(type(exc), exc, exc.__traceback__)
+            self._sock.close()
+            raise
         self.control = AsyncSandboxControl(self.url)
         return self
 
