@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -53,7 +53,7 @@ class Context:
     config: SandboxConfig
     account: Account
     key: ApiKey
-    params: Params
+    params: Params = field(repr=False)  # may carry ``apiKey``
     path_args: dict[str, str]
     base_url: str
     now: str

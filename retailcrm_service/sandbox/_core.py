@@ -48,9 +48,9 @@ class Incoming:
 
     method: str
     path: str
-    query: list[tuple[str, str]]
-    form: list[tuple[str, str]]
-    header_key: str | None
+    query: list[tuple[str, str]] = field(repr=False)  # these three may carry the API key
+    form: list[tuple[str, str]] = field(repr=False)
+    header_key: str | None = field(repr=False)
     base_url: str
     content_type: str = ""
 

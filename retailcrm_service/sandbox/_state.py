@@ -51,6 +51,9 @@ class ApiKey:
     sites: tuple[str, ...] | None = None
     """Store codes the key may use; None: every store of the account."""
 
+    def __repr__(self) -> str:
+        return f"ApiKey(key={mask(self.key)!r}, scopes={sorted(self.scopes)!r})"
+
     def view(self) -> dict[str, Any]:
         sites = None if self.sites is None else list(self.sites)
         return {"key": mask(self.key), "scopes": sorted(self.scopes), "sites": sites}
@@ -60,7 +63,7 @@ class ApiKey:
 class Module:
     code: str
     data: dict[str, Any]
-    owner_key: str
+    owner_key: str = field(repr=False)
     history: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -108,7 +111,7 @@ class Module:
 @dataclass
 class Account:
     name: str
-    keys: dict[str, ApiKey] = field(default_factory=dict)
+    keys: dict[str, ApiKey] = field(default_factory=dict, repr=False)
     sites: list[str] = field(default_factory=list)
     exists: bool = True
     users: dict[int, dict[str, Any]] = field(default_factory=dict)

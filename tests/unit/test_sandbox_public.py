@@ -45,3 +45,24 @@ def test_config_rejects_nonsense() -> None:
     ):
         with pytest.raises(ValueError, match=r"."):
             sandbox.SandboxConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_reprs_never_show_an_api_key() -> None:
+    from retailcrm_service.sandbox._core import Incoming
+    from retailcrm_service.sandbox._state import Account, ApiKey, Module
+
+    key = "repr-key-0123456789abcdef"
+    api_key = ApiKey(key=key, scopes=frozenset({"user_read"}))
+    account = Account(name="a", keys={key: api_key})
+    module = Module(code="m", data={}, owner_key=key)
+    incoming = Incoming(
+        method="GET",
+        path="/api/v5/users",
+        query=[("apiKey", key)],
+        form=[],
+        header_key=key,
+        base_url="http://x",
+    )
+    for obj in (api_key, account, module, incoming):
+        assert key not in repr(obj)
+    assert "***cdef" in repr(api_key)
