@@ -1,0 +1,259 @@
+"""``vochi-call-service``: the reference call service (ARCHITECTURE.md §5).
+
+It receives the Asterisk hosts' webhooks (``POST /start /dial /bridge /hangup``; recovered hangups
+as ``POST /hangup`` with ``origin: "download"``, or ``POST /download``), resolves the ``Token``
+(header or body) to the enterprise through the matrix, translates the payload and answers 200 right
+after ``emit``: the host's 3 s timeout never depends on a CRM. ``/health`` and ``/stats`` come from
+``adapters.fastapi``.
+
+Replies: 200 ``{"status": "queued"|"skipped", ...}``; 400 unparseable JSON; 401 no Token; 403
+unknown Token; 413 body too large; 422 a payload that cannot be a call event; 503 the matrix could
+not be read for a Token never seen before. Errors are ``{"error": {"code", "message"}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from adapters.fastapi import crm_lifespan, get_crm, operations_router
+from adapters.translate import Skipped, Translator
+from vochi_crm_client._cache import NOT_LOADED
+from vochi_crm_client._client import CrmClient
+from vochi_crm_client._exceptions import VochiCrmError
+from vochi_crm_client._matrix import mask_token
+
+__all__ = ["CallServiceSettings", "create_app", "main", "parse_targets"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TARGETS: Final = "retailcrm=http://127.0.0.1/retailcrm/api/events"
+WEBHOOKS: Final = ("start", "dial", "bridge", "hangup", "download")
+_QUEUED: Final = b'{"status":"queued"}'
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallServiceSettings:
+    """Everything the call service needs; ``client_options`` go to ``CrmClient`` as keywords."""
+
+    dsn: str = field(repr=False)
+    targets: Mapping[str, str]
+    forward_internal: bool = False
+    forward_crm_originated: bool = False
+    max_body_bytes: int = 64 * 1024
+    client_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            raise ValueError("at least one target is required")
+        if self.max_body_bytes < 1024:
+            raise ValueError("max_body_bytes must be >= 1024")
+
+
+def parse_targets(items: Iterable[str]) -> dict[str, str]:
+    """``["retailcrm=http://...", ...]`` -> ``{"retailcrm": "http://..."}``; raises ValueError."""
+    targets: dict[str, str] = {}
+    for item in items:
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, url = item.partition("=")
+        name, url = name.strip(), url.strip()
+        if not sep or not name or not url.startswith(("http://", "https://")):
+            raise ValueError(f"a target is NAME=URL with an http(s) URL, not {item!r}")
+        targets[name] = url
+    if not targets:
+        raise ValueError("no targets given")
+    return targets
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+class _Webhooks:
+    """The webhook handler and its counters (one per app)."""
+
+    def __init__(self, settings: CallServiceSettings) -> None:
+        self.settings = settings
+        self.translate = Translator(
+            forward_internal=settings.forward_internal,
+            forward_crm_originated=settings.forward_crm_originated,
+        )
+        self.received: Counter[str] = Counter()
+        self.skipped: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "webhooks": {
+                "received": dict(self.received),
+                "skipped": dict(self.skipped),
+                "errors": dict(self.errors),
+            }
+        }
+
+    def fail(self, status: int, code: str, message: str) -> JSONResponse:
+        self.errors[code] += 1
+        return _error(status, code, message)
+
+    async def handle(self, request: Request, host_event: str) -> Response:
+        self.received[host_event] += 1
+        body = await self._read_body(request)
+        if isinstance(body, Response):
+            return body
+        token = request.headers.get("token") or body.get("Token")
+        if not isinstance(token, str) or not token.strip():
+            return self.fail(401, "missing_token", "the Token header (or body field) is required")
+        crm = get_crm(request)
+        number = await self._resolve(crm, token.strip())
+        if isinstance(number, Response):
+            return number
+        try:
+            result = self.translate(
+                host_event, body, enterprise_number=number, received_at=datetime.now(UTC)
+            )
+        except ValueError as exc:
+            return self.fail(422, "invalid_event", str(exc))
+        if isinstance(result, Skipped):
+            self.skipped[result.reason] += 1
+            return JSONResponse({"status": "skipped", "reason": result.reason})
+        crm.emit(result)
+        return Response(_QUEUED, media_type="application/json")
+
+    async def _read_body(self, request: Request) -> dict[str, Any] | Response:
+        limit = self.settings.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            return self.fail(413, "too_large", f"the body is larger than {limit} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return self.fail(413, "too_large", f"the body is larger than {limit} bytes")
+            chunks.append(chunk)
+        try:
+            body = json.loads(b"".join(chunks))
+        except (ValueError, UnicodeDecodeError):
+            return self.fail(400, "invalid_json", "the body is not valid JSON")
+        if not isinstance(body, dict):
+            return self.fail(400, "invalid_json", "the body must be a JSON object")
+        return body
+
+    async def _resolve(self, crm: CrmClient, token: str) -> str | Response:
+        number = crm.matrix.lookup_token(token)
+        if number is NOT_LOADED:
+            try:
+                number = await crm.resolve_token(token)
+            except VochiCrmError:
+                logger.warning("call_service.token_unresolved token=%s", mask_token(token))
+                return self.fail(503, "matrix_unavailable", "enterprises cannot be read now")
+        if number is None:
+            return self.fail(403, "unknown_token", "the Token names no known enterprise")
+        assert isinstance(number, str)
+        return number
+
+
+def create_app(settings: CallServiceSettings) -> FastAPI:
+    """The call service's ASGI app; its lifespan owns the ``CrmClient``."""
+    webhooks = _Webhooks(settings)
+
+    def make_client() -> CrmClient:
+        return CrmClient(dsn=settings.dsn, targets=settings.targets, **settings.client_options)
+
+    app = FastAPI(
+        title="vochi-call-service",
+        lifespan=crm_lifespan(make_client),
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.include_router(operations_router(extra_stats=webhooks.stats))
+
+    for host_event in WEBHOOKS:
+        _add_webhook(app, webhooks, host_event)
+    return app
+
+
+def _add_webhook(app: FastAPI, webhooks: _Webhooks, host_event: str) -> None:
+    async def webhook(request: Request) -> Response:
+        return await webhooks.handle(request, host_event)
+
+    app.add_api_route(f"/{host_event}", webhook, methods=["POST"], name=host_event)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vochi-call-service",
+        description="The reference call service: host webhooks -> vochi_crm_client -> CRMs.",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--target",
+        action="append",
+        default=[],
+        metavar="NAME=URL",
+        help="a CRM target (repeatable); default: $VOCHI_CRM_TARGETS or " + DEFAULT_TARGETS,
+    )
+    parser.add_argument(
+        "--forward-internal", action="store_true", help="also send internal calls (CallType 2)"
+    )
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> CallServiceSettings:
+    raw = args.target or environ.get("VOCHI_CRM_TARGETS", DEFAULT_TARGETS).split(",")
+    dsn = environ.get("DATABASE_URL", "").strip()
+    if not dsn:
+        # Adapters may use the service's plumbing (the library may not): the embedded PostgreSQL.
+        from retailcrm_service.db import database_url
+
+        dsn = database_url(dict(environ))
+    return CallServiceSettings(
+        dsn=dsn, targets=parse_targets(raw), forward_internal=args.forward_internal
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``vochi-call-service`` console script."""
+    import uvicorn
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    try:
+        settings = settings_from(args, os.environ)
+    except ValueError as exc:
+        print(f"vochi-call-service: {exc}")
+        return 2
+    logger.info(
+        "call_service.start host=%s port=%d targets=%s",
+        args.host,
+        args.port,
+        sorted(settings.targets),
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level.lower(),
+        access_log=False,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

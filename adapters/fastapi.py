@@ -1,0 +1,79 @@
+"""FastAPI glue: a lifespan that owns a ``CrmClient``, a dependency to reach it, /health and /stats.
+
+::
+
+    app = FastAPI(lifespan=crm_lifespan(lambda: CrmClient(dsn=..., targets=...)))
+    app.include_router(operations_router())
+
+    @app.post("/dial")
+    async def dial(crm: CrmDep) -> dict: ...
+
+The client lives exactly as long as the application: opened before the first request, drained
+and closed after the last one. It is reached through the lifespan state, never a global.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+
+from vochi_crm_client._client import CrmClient
+
+__all__ = ["CrmDep", "crm_lifespan", "get_crm", "operations_router"]
+
+Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[dict[str, Any]]]
+
+
+def crm_lifespan(
+    make_client: Callable[[], CrmClient],
+    *,
+    inner: Lifespan | None = None,
+) -> Lifespan:
+    """A lifespan that opens ``make_client()`` for the app's lifetime (and then ``inner``'s)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        async with make_client() as crm:
+            if inner is None:
+                yield {"crm": crm}
+                return
+            async with inner(app) as state:
+                yield {**(state or {}), "crm": crm}
+
+    return lifespan
+
+
+def get_crm(request: Request) -> CrmClient:
+    """The dependency: the ``CrmClient`` the lifespan opened."""
+    crm = getattr(request.state, "crm", None)
+    if not isinstance(crm, CrmClient):
+        raise RuntimeError("no CrmClient in the lifespan state: use crm_lifespan()")
+    return crm
+
+
+CrmDep = Annotated[CrmClient, Depends(get_crm)]
+
+
+def operations_router(*, extra_stats: Callable[[], dict[str, Any]] | None = None) -> APIRouter:
+    """``GET /health`` (the client's summary), ``GET /stats`` (its counters and ``extra_stats``).
+
+    ``/health`` answers 200 even when a CRM is down: the call service itself is healthy, since
+    emit never waits on a CRM; the body says ``degraded`` and which breaker is open.
+    """
+    router = APIRouter()
+
+    @router.get("/health")
+    async def health(crm: CrmDep) -> dict[str, Any]:
+        return crm.health()
+
+    @router.get("/stats")
+    async def stats(crm: CrmDep) -> dict[str, Any]:
+        out = crm.stats()
+        if extra_stats is not None:
+            out.update(extra_stats())
+        return out
+
+    return router
