@@ -43,12 +43,15 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from retailcrm_service import __version__
+from retailcrm_service.asterisk import asterisk_component
 from retailcrm_service.config import ConfigCache, RetailCrmConfig
 from retailcrm_service.ingest import events_component
 from retailcrm_service.logs import IntegrationLogWriter, pg_purge, pg_sink
 from retailcrm_service.metrics import Metrics
 from retailcrm_service.retailcrm_api import RetailCrmClient
 from retailcrm_service.settings import Settings
+from retailcrm_service.smart_redirect import smart_redirect_component
+from vochi_crm_client import Change, ChangeListener, ListenerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +60,8 @@ ComponentFactory = Callable[["Runtime"], AbstractAsyncContextManager[Any]]
 # EXTENSION POINT: background components (name, factory(runtime) -> async context manager).
 COMPONENTS: list[tuple[str, ComponentFactory]] = [
     ("events", events_component),  # issue 6: intake + delivery workers (retailcrm_service.ingest)
-    # ("ssh", retailcrm_service.asterisk.ssh_pool_component),    # issue 7
+    ("asterisk", asterisk_component),  # issue 7: SSH pool + owned background jobs
+    ("smart_redirect", smart_redirect_component),  # issue 7: after "events" (shares its pacer)
 ]
 
 
@@ -71,7 +75,7 @@ class Runtime:
     configs: ConfigCache
     logs: IntegrationLogWriter
     metrics: Metrics
-    listener: Any = None
+    listener: ChangeListener | None = None
     started_at: float = field(default_factory=time.monotonic)
     components: dict[str, Any] = field(default_factory=dict)
 
@@ -119,30 +123,35 @@ def get_settings(request: Request) -> Settings:
 
 def _include_routers(app: FastAPI) -> None:
     # EXTENSION POINT: one line per routes/<area>.py.
-    from retailcrm_service.routes import admin, config, events, ops
+    from retailcrm_service.routes import admin, callbacks, config, events, ops, smart_redirect
 
     app.include_router(ops.router)
     app.include_router(config.router)
     app.include_router(admin.router)
     app.include_router(events.router)
+    app.include_router(smart_redirect.router)  # issue 7
+    app.include_router(callbacks.router)  # issue 7
 
 
-async def _open_listener(runtime: Runtime, stack: AsyncExitStack) -> Any:
-    """The LISTEN integrations_changed connection, invalidating the config cache (see library)."""
-    try:
-        from vochi_crm_client._listener import NotifyListener  # type: ignore[import-not-found]
-    except ImportError:
-        logger.warning("app.listener_unavailable reason=library_listener_missing")
-        return None
+# Config keys whose change alters what the service reads (smart: smart-redirect settings).
+_WATCHED_KEYS = frozenset({"*", "retailcrm", "smart"})
 
-    def on_change(enterprise_number: str | None, integration_type: str | None) -> None:
-        if integration_type in (None, "*", "retailcrm", "smart"):
-            runtime.configs.invalidate(enterprise_number)
 
-    listener = NotifyListener(
+async def _open_listener(runtime: Runtime, stack: AsyncExitStack) -> ChangeListener:
+    """The library's LISTEN integrations_changed connection, keeping the config cache coherent."""
+
+    def on_change(change: Change) -> None:
+        if change.integration_type in _WATCHED_KEYS:
+            runtime.configs.invalidate(change.enterprise_number)
+
+    async def on_reload() -> None:
+        await runtime.configs.refresh_all()
+
+    listener = ChangeListener(
         dsn=runtime.settings.database_url.get_secret_value(),
         on_change=on_change,
-        on_reconnect=runtime.configs.invalidate,
+        on_reload=on_reload,
+        settings=ListenerSettings(application_name="retailcrm-service-listener"),
     )
     return await stack.enter_async_context(listener)
 
@@ -187,8 +196,7 @@ def _lifespan(components: Sequence[tuple[str, ComponentFactory]]) -> Callable[[F
             metrics.add_source("service", runtime.stats)
             metrics.add_source("config_cache", configs.stats)
             metrics.add_source("integration_logs", logs.stats)
-            if runtime.listener is not None and hasattr(runtime.listener, "stats"):
-                metrics.add_source("listener", runtime.listener.stats)
+            metrics.add_source("listener", runtime.listener.stats)
             for name, factory in components:
                 runtime.components[name] = await stack.enter_async_context(factory(runtime))
                 logger.info("app.component_started name=%s", name)

@@ -27,7 +27,6 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import asyncpg
@@ -291,7 +290,3 @@ def admin_link_command(enterprise_number: str, ttl_seconds: int = 3600) -> str:
     """A short-lived one-time admin link for ``retailcrm-service token <n>``."""
     settings = Settings.from_env()
     return asyncio.run(_link_for(settings, enterprise_number, ttl_seconds))
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)

@@ -177,8 +177,8 @@ class Settings:
             raise ValueError(f"port must be 1..65535, got {self.port}")
         if not self.jwt_secret.get_secret_value():
             raise ValueError("jwt_secret must not be empty")
-        if len(self.jwt_secret.get_secret_value()) < 16:
-            raise ValueError("RETAILCRM_JWT_SECRET must be at least 16 characters")
+        if len(self.jwt_secret.get_secret_value()) < 32:
+            raise ValueError("RETAILCRM_JWT_SECRET must be at least 32 characters")
         if self.log_retention_days < 0:
             raise ValueError("log_retention_days must be >= 0")
         if self.retailcrm_timeout <= 0:
