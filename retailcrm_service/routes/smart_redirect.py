@@ -158,6 +158,10 @@ def _journal(
 ) -> None:
     if decision.enterprise_number is None or decision.source == "unknown_enterprise":
         return
+    if decision.cached and redirect != "scheduled":
+        # A repeat answer from the cache adds nothing to the journal, and writing it costs the
+        # real-time path (measured by benchmarks/smart_redirect.py): the lookup was journaled.
+        return
     response: dict[str, Any] = {
         "source": decision.source,
         "extension": decision.extension,
