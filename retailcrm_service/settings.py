@@ -21,7 +21,7 @@ Environment variables:
 | ``RETAILCRM_LOG_RETENTION_DAYS`` | ``log_retention_days`` | 30 (0 keeps logs forever) |
 | ``RETAILCRM_MODULE_CODE`` | ``module_code`` | ``vochi-telephony`` |
 | ``RETAILCRM_API_TIMEOUT`` | ``retailcrm_timeout`` | 3.0 s |
-| ``RETAILCRM_SSH_*`` | SSH fields (issue 7 adds them below) | |
+| ``RETAILCRM_SSH_*`` | ``asterisk.AsteriskSettings.from_env`` | see there |
 
 In dev, with no ``RETAILCRM_JWT_SECRET``, a random secret is generated and persisted under the data
 dir (mode 0600) rather than running without auth; a ``settings.jwt_secret_generated`` log line
@@ -170,7 +170,7 @@ class Settings:
     admin_session_ttl_seconds: int = 12 * 3600
     db_pool_min_size: int = 1
     db_pool_max_size: int = 10
-    # --- RETAILCRM_SSH_* (issue 7 adds its fields here) ---
+    # RETAILCRM_SSH_* live in retailcrm_service.asterisk.AsteriskSettings (read by its component).
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
