@@ -1,0 +1,96 @@
+"""/health, /stats, /metrics and the lifespan's component extension point, on a real database."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import asyncpg
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from retailcrm_service.app import Runtime
+from retailcrm_service.db import migrate
+from tests.support.pg import EmbeddedPostgres, create_enterprise
+from tests.support.service import running_service, service_settings
+
+
+async def test_health_stats_and_metrics_report_the_core(
+    db: asyncpg.Connection, database_url: str
+) -> None:
+    await create_enterprise(db, "0367")
+    settings = service_settings(database_url)
+    async with running_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as http:
+        await svc.runtime.listener.wait_listening()
+        health = await http.get("/health")
+        api_health = await http.get("/api/health")
+        await http.get("/api/config/0367")
+        stats = await http.get("/stats")
+        metrics = await http.get("/api/metrics")
+    assert health.status_code == 200
+    body = health.json()
+    assert body["status"] == "ok"
+    assert body["reasons"] == []
+    assert body["database"]["ok"]
+    assert body["listener"]["state"] == "listening"
+    assert body["cache"]["ok"]
+    assert api_health.json()["status"] == "ok"
+    sections = stats.json()
+    assert {"service", "config_cache", "integration_logs", "listener"} <= set(sections)
+    assert sections["config_cache"]["full_reloads"] >= 1
+    families = {f.name: f for f in text_string_to_metric_families(metrics.text)}
+    requests = families["retailcrm_service_http_requests"]
+    routes = {s.labels["route"] for s in requests.samples}
+    assert "/api/config/{enterprise_number}" in routes
+    assert "/api/config/0367" not in routes
+    assert "retailcrm_service_config_cache_full_reloads" in families
+
+
+async def test_health_degrades_while_the_database_is_down_and_recovers(
+    private_postgres: EmbeddedPostgres,
+) -> None:
+    dsn = private_postgres.admin_dsn
+    await migrate(dsn)
+    settings = service_settings(dsn)
+    async with running_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as http:
+        await svc.runtime.listener.wait_listening()
+        assert (await http.get("/health")).status_code == 200
+        await asyncio.to_thread(private_postgres.stop)
+        down = await http.get("/health")
+        await asyncio.to_thread(private_postgres.start)
+        for _ in range(500):
+            recovered = await http.get("/health")
+            if recovered.json()["status"] == "ok":
+                break
+            await asyncio.sleep(0.05)
+    assert down.status_code == 503
+    assert "database unreachable" in down.json()["reasons"]
+    assert recovered.status_code == 200
+    assert recovered.json()["status"] == "ok"
+
+
+async def test_components_start_in_order_after_the_core_and_stop_in_reverse(
+    database_url: str,
+) -> None:
+    events: list[str] = []
+
+    def component(name: str):
+        @contextlib.asynccontextmanager
+        async def factory(runtime: Runtime) -> AsyncIterator[str]:
+            assert runtime.pool is not None
+            assert runtime.configs is not None
+            events.append(f"enter {name}")
+            runtime.metrics.add_source(name, lambda: {"value": 1})
+            yield f"{name}-handle"
+            events.append(f"exit {name}")
+
+        return factory
+
+    components = [("first", component("first")), ("second", component("second"))]
+    async with running_service(service_settings(database_url), components=components) as svc:
+        assert svc.runtime.components == {"first": "first-handle", "second": "second-handle"}
+        async with httpx.AsyncClient(base_url=svc.url) as http:
+            stats = (await http.get("/stats")).json()
+        assert stats["first"] == {"value": 1}
+    assert events == ["enter first", "enter second", "exit second", "exit first"]
