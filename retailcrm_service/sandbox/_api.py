@@ -159,41 +159,41 @@ def _popup_matches(popup: dict[str, Any], event: dict[str, Any]) -> bool:
     return phones_match(popup["phone"], event["phone"])
 
 
+def _close(ctx: Context, popup: dict[str, Any], state: str, status: str | None = None) -> None:
+    popup.update(state=state, closedAt=ctx.now, hangupStatus=status)
+    ctx.account.open_by_user[popup["userId"]].remove(popup)
+
+
 def _apply_popups(ctx: Context, event: dict[str, Any], users: list[int]) -> list[int]:
-    popups = ctx.account.popups
+    """Open a card per targeted user on in/out (replacing one of the same call); hangup closes."""
+    account = ctx.account
     if event["type"] == "hangup":
         closed = []
-        for popup in popups:
-            targeted = not users or popup["userId"] in users
-            if popup["state"] == "open" and targeted and _popup_matches(popup, event):
-                popup.update(
-                    state="closed", closedAt=ctx.now, hangupStatus=event.get("hangupStatus")
-                )
-                closed.append(popup["userId"])
+        for user_id in users or list(account.open_by_user):
+            for popup in list(account.open_by_user.get(user_id, ())):
+                if _popup_matches(popup, event):
+                    _close(ctx, popup, "closed", event.get("hangupStatus"))
+                    closed.append(user_id)
         return closed
     for user_id in users:
-        for popup in popups:
-            if (
-                popup["state"] == "open"
-                and popup["userId"] == user_id
-                and _popup_matches(popup, event)
-            ):
-                popup.update(state="superseded", closedAt=ctx.now)
-        popups.append(
-            {
-                "id": len(popups) + 1,
-                "userId": user_id,
-                "state": "open",
-                "type": event["type"],
-                "phone": event["phone"],
-                "callExternalId": event.get("callExternalId"),
-                "site": event.get("site"),
-                "externalPhone": event.get("externalPhone"),
-                "openedAt": ctx.now,
-                "closedAt": None,
-                "hangupStatus": None,
-            }
-        )
+        for popup in list(account.open_by_user.get(user_id, ())):
+            if _popup_matches(popup, event):
+                _close(ctx, popup, "superseded")
+        popup = {
+            "id": len(account.popups) + 1,
+            "userId": user_id,
+            "state": "open",
+            "type": event["type"],
+            "phone": event["phone"],
+            "callExternalId": event.get("callExternalId"),
+            "site": event.get("site"),
+            "externalPhone": event.get("externalPhone"),
+            "openedAt": ctx.now,
+            "closedAt": None,
+            "hangupStatus": None,
+        }
+        account.popups.append(popup)
+        account.open_by_user.setdefault(user_id, []).append(popup)
     return users
 
 

@@ -36,6 +36,9 @@ class _Server(uvicorn.Server):
 def _bind(host: str, port: int = 0) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted sockets inherit this. Without it, uvicorn serving a pre-bound socket answers each
+    # keep-alive request only after a ~40 ms delayed ACK (Nagle): ~22 requests/s instead of ~1000.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((host, port))
     return sock
 

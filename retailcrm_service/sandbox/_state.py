@@ -120,6 +120,7 @@ class Account:
     modules: dict[str, Module] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
     popups: list[dict[str, Any]] = field(default_factory=list)
+    open_by_user: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     calls: list[dict[str, Any]] = field(default_factory=list)
     call_index: dict[str, dict[str, Any]] = field(default_factory=dict)
     status_changes: list[dict[str, Any]] = field(default_factory=list)
@@ -139,11 +140,7 @@ class Account:
         return None
 
     def open_popups(self) -> dict[str, list[dict[str, Any]]]:
-        result: dict[str, list[dict[str, Any]]] = {}
-        for popup in self.popups:
-            if popup["state"] == "open":
-                result.setdefault(str(popup["userId"]), []).append(popup)
-        return result
+        return {str(user): list(items) for user, items in self.open_by_user.items() if items}
 
     def view(self) -> dict[str, Any]:
         return {

@@ -54,6 +54,7 @@ class Receiver:
 async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
     target = Receiver()
     sock = socket.socket()
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # else ~40 ms per request
     sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(target.app, log_level="warning", access_log=False, lifespan="off")
     server = uvicorn.Server(config)
