@@ -12,17 +12,33 @@ from ._cache import (
     RefreshingCache,
 )
 from ._exceptions import LoadError, LoadTimeout, StateError, VochiCrmError
+from ._listener import (
+    LISTENER_STATS_KEYS,
+    Change,
+    ChangeListener,
+    ListenerSettings,
+    ListenerState,
+    parse_change,
+)
+from ._matrix import EnablementMatrix, MatrixState, mask_token
 
 __all__ = [
     "CACHE_STATS_KEYS",
+    "LISTENER_STATS_KEYS",
     "NOT_LOADED",
     "BackoffPolicy",
     "CacheSettings",
     "CacheState",
+    "Change",
+    "ChangeListener",
+    "EnablementMatrix",
+    "ListenerSettings",
+    "ListenerState",
     "LoadError",
     "LoadTimeout",
     "Lookup",
     "LookupStatus",
+    "MatrixState",
     "NotLoaded",
     "RefreshingCache",
     "StateError",
@@ -30,4 +46,6 @@ __all__ = [
     "VochiCrmError",
     "ceiling",
     "delay",
+    "mask_token",
+    "parse_change",
 ]
