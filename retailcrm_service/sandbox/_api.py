@@ -193,7 +193,10 @@ def _apply_popups(ctx: Context, event: dict[str, Any], users: list[int]) -> list
             "hangupStatus": None,
         }
         account.popups.append(popup)
-        account.open_by_user.setdefault(user_id, []).append(popup)
+        opened = account.open_by_user.setdefault(user_id, [])
+        opened.append(popup)
+        if len(opened) > ctx.config.max_open_popups_per_user:
+            _close(ctx, opened[0], "expired")  # cards never hung up do not pile up forever
     return users
 
 

@@ -45,6 +45,8 @@ class SandboxConfig:
     access_denied_status: int = 403
     telephony_disabled_status: int = 400
     request_log_size: int = 2000
+    max_open_popups_per_user: int = 50
+    """Beyond this the oldest open card of the user is marked ``expired``."""
     callback_timeout_seconds: float = 5.0
     fault_timeout_seconds: float = 30.0
     default_sites: tuple[str, ...] = field(default=("main",))
@@ -58,8 +60,8 @@ class SandboxConfig:
             raise ValueError("max_calls_per_upload must be at least 1")
         if self.no_manager_shape not in NO_MANAGER_SHAPES:
             raise ValueError(f"no_manager_shape must be one of {NO_MANAGER_SHAPES}")
-        if self.request_log_size < 1:
-            raise ValueError("request_log_size must be at least 1")
+        if self.request_log_size < 1 or self.max_open_popups_per_user < 1:
+            raise ValueError("request_log_size and max_open_popups_per_user must be positive")
         for status in (self.missing_key_status, self.wrong_key_status, self.access_denied_status):
             if not 400 <= status <= 499:
                 raise ValueError("auth error statuses must be 4xx")

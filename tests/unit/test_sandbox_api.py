@@ -973,3 +973,13 @@ async def test_cli_accounts_give_each_key_full_telephony_access() -> None:
     assert key is not None
     assert len(key) >= 32
     assert demo[0]["name"] == "demo"
+
+
+async def test_cards_never_hung_up_expire_beyond_the_per_user_cap() -> None:
+    async with crm_for(make_app(config=SandboxConfig(max_open_popups_per_user=2))) as crm:
+        await crm.register()
+        for call_id in ("c1", "c2", "c3"):
+            await crm.event(phone="+1", type="in", codes=["150"], callExternalId=call_id)
+        open_ids = [p["callExternalId"] for p in crm.account()["openPopups"]["1"]]
+        assert open_ids == ["c2", "c3"]
+        assert crm.account()["popups"][0]["state"] == "expired"
