@@ -3,7 +3,6 @@ answers, and click-to-call reaches a real sshd's recording ``asterisk`` stub."""
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from collections.abc import Iterator
 from typing import Any
@@ -66,15 +65,6 @@ async def register_module(crm: AsyncSandboxServer, stack: Stack, key: str, clien
     await client.edit_integration_module(module)
 
 
-async def wait_for_calls(ssh: SshServer, count: int = 1) -> list[list[str]]:
-    for _ in range(200):
-        calls = ssh.calls()
-        if len(calls) >= count:
-            return calls
-        await asyncio.sleep(0.025)
-    return ssh.calls()
-
-
 async def setup(
     db: asyncpg.Connection, crm: AsyncSandboxServer, key: str, **smart: Any
 ) -> tuple[str, dict[str, Any]]:
@@ -96,10 +86,10 @@ async def test_click_to_call_from_retailcrm_reaches_asterisk_as_the_originate_co
         async with service(database_url, ssh) as stack:
             await register_module(crm, stack, key, client_id)
             callback = await crm.control.click_to_call(user_id=7, phone="+375 29 765-43-21")
-            calls = await wait_for_calls(ssh)
+            await stack.settle_jobs()
             posted = await crm.control.click_to_call(user_id=7, phone="375447034448", method="POST")
-            calls = await wait_for_calls(ssh, 2)
-            await stack.svc.runtime.logs.flush()
+            await stack.settle_jobs()
+            calls = ssh.calls()
             journal = await db.fetch(
                 "SELECT status FROM integration_logs WHERE event_type = 'click_to_call'"
             )
@@ -180,11 +170,11 @@ async def test_click_to_call_is_rate_limited_per_client_id(
             ]
             clock.advance(1)
             after = await stack.http.get("/retailcrm/make-call", params=params)
-            await wait_for_calls(ssh, 3)
+            await stack.settle_jobs()
     assert [r.status_code for r in replies] == [200, 200, 429]
     assert replies[2].headers["retry-after"] == "1"
     assert after.status_code == 200
-    assert len(await wait_for_calls(ssh, 3)) == 3
+    assert len(ssh.calls()) == 3
 
 
 async def test_status_changes_are_recorded_and_steer_smart_redirect(

@@ -97,6 +97,15 @@ class Stack:
     svc: RunningService
     http: httpx.AsyncClient
 
+    async def settle_jobs(self) -> None:
+        """Wait for background SSH jobs to finish, then for their journal rows to be stored."""
+        asterisk = self.svc.runtime.components.get("asterisk")
+        for _ in range(400):
+            if asterisk is None or not asterisk.stats()["background_jobs"]:
+                break
+            await asyncio.sleep(0.025)
+        await self.svc.runtime.logs.flush()
+
     @property
     def smart(self) -> SmartRedirect:
         smart = self.svc.runtime.components["smart_redirect"]
@@ -244,11 +253,7 @@ async def test_redirect_mode_moves_the_channel_in_the_background_and_journals_it
                 },
             )
             assert reply.json()["redirect"] == "scheduled"
-            for _ in range(200):
-                if ssh.calls():
-                    break
-                await asyncio.sleep(0.025)
-            await stack.svc.runtime.logs.flush()
+            await stack.settle_jobs()
             rows = await db.fetch(
                 "SELECT status, call_unique_id FROM integration_logs WHERE event_type = $1",
                 "channel_redirect",
