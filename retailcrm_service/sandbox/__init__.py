@@ -58,14 +58,21 @@ Control API (JSON; errors as ``{"error": {"code", "message"}}``):
   ``baseUrl`` + ``actions.activity`` with clientId, activity JSON, systemUrl. Each answers
   ``{"callback": record | null}``; records (clientId masked) are also in the state.
 
-Choices where the doc says UNCONFIRMED (all switches in :class:`SandboxConfig`): missing key 401,
-wrong key 403, missing scope 403; ``Telephony not enabled`` 400; entity field errors 400
-``Errors in the entity format`` with an ``errors`` map; bad GET parameters 400
-``Errors in the input parameters``; module edit answers 201 on create, 200 on update, replaces the
-stored object and keeps only documented keys; an event needs the caller's key to own an active,
-unfrozen module with ``integrations.telephony``; a calls upload is all-or-nothing and
-``processedCallsCount`` counts the calls newly stored; rate limits are sliding one-second windows
-(the 11th request inside one second gets 503).
+Order of checks: unknown-account mode, routing (404 ``API method not found``, 405), faults,
+``apiKey`` (header ``X-API-KEY``, then query, then form), scope, rate limit (per key, after auth),
+then the method. Demo data (``demo``): users 1–5 (2 busy, 3 at dinner, 4 offline, 5 an admin),
+customers 101–104 with phones from the shared fixtures and managers 1, 2, -, 4, orders 1001–1003.
+
+Choices where the doc says UNCONFIRMED (``*`` = a :class:`SandboxConfig` switch): missing key
+401*, wrong key 403*, missing scope 403*; ``Telephony not enabled`` 400*; entity field errors 400
+``Errors in the entity format`` with an ``errors`` map keyed by field path; bad GET parameters 400
+``Errors in the input parameters``; numeric booleans only*; module edit answers 201 on create,
+200 on update, replaces* the stored object and keeps only documented keys; an event needs the
+caller's key to own an active, unfrozen module with ``integrations.telephony``; a calls upload is
+all-or-nothing (at most 50* calls) and ``processedCallsCount`` counts the calls newly stored;
+telephony/manager skips a manager whose status is not ``free``* unless ``ignoreStatus=1``, and
+without one omits ``manager``*; rate limits* are sliding one-second windows, 10 general and 40
+for ``telephony/*`` (the 11th request inside one second gets 503 ``Rate limit exceeded``).
 """
 
 from retailcrm_service.sandbox._config import SCOPES, SandboxConfig
