@@ -6,7 +6,8 @@
   ``POST /retailcrm-admin/login`` does the same, also accepting the form field ``clientId`` that
   RetailCRM posts to ``accountUrl``. ``POST /retailcrm-admin/logout`` clears the cookie.
 - ``GET /retailcrm-admin/api/me``: the session's enterprise.
-- ``GET|PUT /retailcrm-admin/api/config/{n}``: the config API for the admin.
+- ``GET|PUT|DELETE /retailcrm-admin/api/config/{n}``, ``POST .../{n}/test``: the config API for
+  the admin (the session cookie's path is ``/retailcrm-admin/``, so the UI calls these).
 - ``POST /retailcrm-admin/api/register/{n}``: registers or updates the module in RetailCRM.
 - ``GET /retailcrm-admin/`` and ``/retailcrm-admin/{n}/``: placeholder pages.
 """
@@ -125,6 +126,20 @@ async def admin_put_config(
     claims: auth.AdminDep,
 ) -> dict[str, Any]:
     return await config_routes.put_config(enterprise_number, request, runtime, claims)
+
+
+@router.post("/retailcrm-admin/api/config/{enterprise_number}/test")
+async def admin_test_config(
+    enterprise_number: str, request: Request, runtime: RuntimeDep, claims: auth.AdminDep
+) -> dict[str, Any]:
+    return await config_routes.check_config_access(enterprise_number, request, runtime, claims)
+
+
+@router.delete("/retailcrm-admin/api/config/{enterprise_number}")
+async def admin_delete_config(
+    enterprise_number: str, runtime: RuntimeDep, claims: auth.AdminDep
+) -> dict[str, Any]:
+    return await config_routes.delete_config(enterprise_number, runtime, claims)
 
 
 @router.post("/retailcrm-admin/api/register/{enterprise_number}")

@@ -21,7 +21,8 @@ from tests.support.service import RunningService, running_service, service_setti
 
 KEY = "Xk2PqL9vT4mZ8sW1cR7yB3nD6fH0jG5a"
 REMOTE = {"X-Real-IP": "203.0.113.9"}  # what nginx sets for a browser on the internet
-BODY = {"domain": "https://acme.retailcrm.ru", "api_key": KEY}
+# A closed loopback port: deletes try RetailCRM and fail fast, never leaving the machine.
+BODY = {"domain": "http://127.0.0.1:9", "api_key": KEY}
 
 
 @pytest.fixture
@@ -237,3 +238,34 @@ async def test_internal_routes_need_loopback_or_the_internal_token(
     assert with_token.status_code == 200
     assert wrong_token.status_code == 403
     assert stats_remote.status_code == 403
+
+
+async def test_the_admin_session_cookie_drives_the_whole_config_api(svc: RunningService) -> None:
+    """The cookie is scoped to /retailcrm-admin/: the admin's API lives there too."""
+    link = auth.admin_link(svc.runtime.settings, "0367", version=0, ttl_seconds=60)
+    async with httpx.AsyncClient(base_url=svc.url) as http:
+        login = await http.get(_path(link), headers=REMOTE)
+        cookie = {**REMOTE, "Cookie": login.headers["set-cookie"].split(";", 1)[0]}
+        me = await http.get("/retailcrm-admin/api/me", headers=cookie)
+        saved = await http.put(
+            "/retailcrm-admin/api/config/0367", json={**BODY, "enabled": False}, headers=cookie
+        )
+        invalid = await http.put(
+            "/retailcrm-admin/api/config/0367", json={**BODY, "timezone": "X/Y"}, headers=cookie
+        )
+        tested = await http.post(
+            "/retailcrm-admin/api/config/0367/test",
+            json={"domain": "http://127.0.0.1:9"},
+            headers=cookie,
+        )
+        deleted = await http.delete("/retailcrm-admin/api/config/0367", headers=cookie)
+        after = await http.get("/retailcrm-admin/api/me", headers=cookie)
+    assert me.json()["enterprise_number"] == "0367"
+    assert saved.status_code == 200
+    assert saved.json()["enabled"] is False
+    assert invalid.status_code == 422
+    assert tested.status_code == 200
+    assert tested.json()["ok"] is False
+    assert tested.json()["error"]["kind"] == "unavailable"
+    assert deleted.status_code == 200
+    assert after.status_code == 401
