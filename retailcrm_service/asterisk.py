@@ -577,7 +577,8 @@ class AsteriskControl:
             raise AsteriskUnavailable(f"{host} refused our key") from exc
         except TimeoutError as exc:
             raise AsteriskUnavailable(f"connecting to {host} timed out") from exc
-        except (asyncssh.Error, OSError) as exc:
+        except (asyncssh.Error, OSError, ValueError) as exc:
+            # ValueError: asyncssh's KeyImportError for an unreadable or malformed client key.
             raise AsteriskUnavailable(f"cannot connect to {host}: {type(exc).__name__}") from exc
         self.counters["connects"] += 1
         logger.info("asterisk.connected host=%s port=%s", host, s.port)

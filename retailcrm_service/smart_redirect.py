@@ -357,7 +357,8 @@ class EnterpriseTokens:
         number = await self._pool.fetchval(
             """SELECT number FROM enterprises
                WHERE name2 = $1 OR secret = $1 OR number = $1
-               ORDER BY (name2 = $1) DESC, (secret = $1) DESC LIMIT 1""",
+               ORDER BY COALESCE(name2 = $1, false) DESC, COALESCE(secret = $1, false) DESC
+               LIMIT 1""",
             token,
         )
         self._cache.put(key, number or "", self._ttl if number else self._negative_ttl)

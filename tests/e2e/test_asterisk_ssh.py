@@ -175,3 +175,14 @@ async def test_background_jobs_finish_before_close_and_none_start_after(
     assert done == ["ok"]
     assert not asterisk.spawn(job(), name="too-late")
     assert len(server.calls()) == 1
+
+
+async def test_a_malformed_client_key_is_reported_as_unavailable(
+    server: SshServer, tmp_path: Path
+) -> None:
+    garbage = tmp_path / "garbage"
+    garbage.write_text("not a key\n")
+    async with AsteriskControl(settings=server.settings(key_path=str(garbage))) as asterisk:
+        with pytest.raises(AsteriskUnavailable):
+            await asterisk.originate(HOST, "150", "375291234567")
+    assert server.calls() == []

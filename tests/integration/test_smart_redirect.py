@@ -305,3 +305,21 @@ async def test_bad_requests_get_clear_errors(db: asyncpg.Connection, database_ur
         assert reply.status_code == 401
         assert reply.text.startswith('{"Name":"","DialPlan":null,')
         assert macro_cut(reply.text)[1] == ""
+
+
+async def test_the_dialplan_token_may_be_name2_secret_or_number(
+    db: asyncpg.Connection, database_url: str
+) -> None:
+    key = secrets.token_hex(16)
+    async with AsyncSandboxServer(
+        accounts=[account("acme", key, manager=MANAGER, customer=CUSTOMER)], rate_limit=False
+    ) as crm:
+        row = await add_enterprise(db, "0367", crm, key, extensions={"7": "150"})
+        async with service(database_url) as stack:
+            replies = [
+                await getcustomerdata(stack, token)
+                for token in (row["name2"], row["secret"], row["number"])
+            ]
+    assert len({r.text for r in replies}) == 1
+    assert all(r.status_code == 200 for r in replies)
+    assert json.loads(replies[0].text)["DialPlan"] is not None
