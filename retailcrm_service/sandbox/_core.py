@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import json
 import logging
@@ -138,8 +139,15 @@ class Sandbox:
                 self.state.seed_account(spec, self.timestamp())
 
     def seed(self, accounts: Sequence[dict[str, Any]]) -> list[Account]:
-        with self.state.lock:
-            return [self.state.seed_account(spec, self.timestamp()) for spec in accounts]
+        """Apply seed documents all or nothing: a bad one leaves the state as it was."""
+        state = self.state
+        with state.lock:
+            saved = copy.deepcopy((state.accounts, state.by_key))
+            try:
+                return [state.seed_account(spec, self.timestamp()) for spec in accounts]
+            except (ControlError, TypeError, ValueError, AttributeError):
+                state.accounts, state.by_key = saved
+                raise
 
     def add_fault(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Install a fault on endpoints matching ``endpoint`` (a glob over method names)."""

@@ -101,6 +101,10 @@ def _control(
             return _json(200, await handler(request, body))
         except ControlError as exc:
             return _json(exc.status, {"error": {"code": exc.code, "message": exc.message}})
+        except (TypeError, ValueError, AttributeError) as exc:
+            # A malformed control document (wrong types deep inside a seed or a fault).
+            message = f"invalid document: {type(exc).__name__}: {exc}"
+            return _json(422, {"error": {"code": "invalid_document", "message": message}})
 
     return endpoint
 

@@ -266,3 +266,18 @@ def test_cli_sandbox_prints_the_demo_key_and_serves_its_state() -> None:
             proc.kill()
             _, err = proc.communicate()
     assert key not in err
+
+
+def test_a_bad_seed_document_changes_nothing() -> None:
+    with SandboxServer(rate_limit=False, demo_data=False) as crm:
+        bad = [{"name": "new", "api_key": "new-key-0123456789"}, {"name": "x", "users": [5]}]
+        reply = httpx.post(f"{crm.url}/_sandbox/seed", json={"accounts": bad})
+        assert reply.status_code == 422
+        assert reply.json()["error"]["code"] == "invalid_document"
+        reply = httpx.post(
+            f"{crm.url}/_sandbox/seed", json={"accounts": [{"name": "y", "users": [{"id": "z"}]}]}
+        )
+        assert reply.status_code == 422
+        assert list(crm.control.state()["accounts"]) == ["test"]
+        users = httpx.get(f"{crm.url}/api/v5/users/1", headers={"X-API-KEY": "new-key-0123456789"})
+        assert users.json()["errorMsg"] == 'Wrong "apiKey" value.'
