@@ -104,7 +104,7 @@ class Runtime:
 
 def get_runtime(request: Request) -> Runtime:
     """FastAPI dependency: the running service's ``Runtime`` (503 while starting/stopping)."""
-    runtime = getattr(request.app.state, "runtime", None)
+    runtime: Runtime | None = getattr(request.app.state, "runtime", None)
     if runtime is None:
         from retailcrm_service.routes import ApiError
 

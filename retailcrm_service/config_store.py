@@ -220,4 +220,4 @@ async def remove_config(conn: asyncpg.Connection, number: str) -> bool:
            WHERE number = $1 AND integrations_config ? 'retailcrm'""",
         number,
     )
-    return status.endswith(" 1")
+    return str(status).endswith(" 1")

@@ -252,7 +252,7 @@ class RetailCrmClient:
             response = await self._http.request(
                 verb,
                 self.domain + path,
-                params=params,
+                params=tuple(params) if params else None,
                 data=data,
                 headers=headers,
                 timeout=self._timeout,
