@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from retailcrm_service.sandbox import Sandbox, SandboxConfig, create_sandbox_app
+from retailcrm_service.sandbox import ControlError, Sandbox, SandboxConfig, create_sandbox_app
 
 # Marked here as well: conftest adds the anyio mark after collection, too late for parametrize.
 pytestmark = pytest.mark.anyio
@@ -983,3 +983,17 @@ async def test_cards_never_hung_up_expire_beyond_the_per_user_cap() -> None:
         open_ids = [p["callExternalId"] for p in crm.account()["openPopups"]["1"]]
         assert open_ids == ["c2", "c3"]
         assert crm.account()["popups"][0]["state"] == "expired"
+
+
+async def test_fault_can_target_one_verb_and_bad_faults_are_refused(crm: Crm) -> None:
+    crm.sandbox.add_fault({"endpoint": "users*", "method": "post", "status": 500})
+    assert (await crm.get("/api/v5/users/1")).status_code == 200
+    assert (await crm.post("/api/v5/users/1/status", status="free")).status_code == 500
+    for bad in (
+        {"endpoint": "nope/*", "status": 500},
+        {"endpoint": "users", "mode": "explode"},
+        {"endpoint": "users", "status": 200},
+        {"endpoint": "users", "status": 500, "error_rate": 2},
+    ):
+        with pytest.raises(ControlError):
+            crm.sandbox.add_fault(bad)
