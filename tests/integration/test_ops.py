@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from retailcrm_service.app import Runtime
 from retailcrm_service.db import migrate
+from retailcrm_service.logs import pg_purge
 from tests.support.pg import EmbeddedPostgres, create_enterprise
 from tests.support.service import running_service, service_settings
 
@@ -94,3 +95,26 @@ async def test_components_start_in_order_after_the_core_and_stop_in_reverse(
             stats = (await http.get("/stats")).json()
         assert stats["first"] == {"value": 1}
     assert events == ["enter first", "enter second", "exit second", "exit first"]
+
+
+async def test_retention_deletes_only_old_rows_of_this_integration(
+    db: asyncpg.Connection, database_url: str
+) -> None:
+    await db.execute(
+        """INSERT INTO integration_logs (enterprise_number, integration_type, event_type, status,
+                                         created_at)
+           VALUES ('0367', 'retailcrm', 'old', 'success', now() - interval '40 days'),
+                  ('0367', 'retailcrm', 'new', 'success', now() - interval '2 days'),
+                  ('0367', 'uon', 'old', 'success', now() - interval '40 days')"""
+    )
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    try:
+        deleted = await pg_purge(pool, batch=1)(30)
+    finally:
+        await pool.close()
+    left = await db.fetch("SELECT integration_type, event_type FROM integration_logs ORDER BY id")
+    assert deleted == 1
+    assert [(r["integration_type"], r["event_type"]) for r in left] == [
+        ("retailcrm", "new"),
+        ("uon", "old"),
+    ]
