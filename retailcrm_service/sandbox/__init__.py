@@ -55,7 +55,9 @@ Control API (JSON; errors as ``{"error": {"code", "message"}}``):
   externalPhone; ``POST /_sandbox/callbacks/user-status`` ``{"userId", "status", "method"?}`` ->
   updates the user, then ``changeUserStatusUrl`` with clientId, userId, code, status;
   ``POST /_sandbox/callbacks/activity`` ``{"code", "active", "freeze"}`` -> POST form to
-  ``baseUrl`` + ``actions.activity`` with clientId, activity JSON, systemUrl. Each answers
+  ``baseUrl`` + ``actions.activity`` with clientId, activity JSON, systemUrl;
+  ``POST /_sandbox/callbacks/account-url`` ``{"code"}`` -> POST form clientId to ``accountUrl``
+  (the module's settings link). Each answers
   ``{"callback": record | null}``; records (clientId masked) are also in the state.
 
 Order of checks: unknown-account mode, routing (404 ``API method not found``, 405), faults,

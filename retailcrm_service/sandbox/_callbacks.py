@@ -158,6 +158,25 @@ async def user_status(
     )
 
 
+async def account_url(
+    sandbox: Sandbox, client: httpx.AsyncClient, spec: dict[str, Any]
+) -> dict[str, Any]:
+    """A user follows the module's settings link: POST ``clientId`` to ``accountUrl``."""
+    with sandbox.state.lock:
+        account = sandbox.state.account(spec.get("account"))
+        code = spec.get("code")
+        module = account.modules.get(str(code))
+        if module is None:
+            raise ControlError(404, "unknown_module", f"no module {code!r} in {account.name!r}")
+        url = module.data.get("accountUrl")
+        if not url:
+            raise ControlError(409, "no_account_url", "the module has no accountUrl")
+        params = {"clientId": str(module.data.get("clientId") or "")}
+    return await _send(
+        sandbox, client, kind="accountUrl", account=account, method="POST", url=url, params=params
+    )
+
+
 async def activity(
     sandbox: Sandbox, client: httpx.AsyncClient, spec: dict[str, Any], system_url: str
 ) -> dict[str, Any] | None:

@@ -164,6 +164,9 @@ def _control_routes(sandbox: Sandbox) -> list[Route]:
     async def user_status(request: Request, body: dict[str, Any]) -> Any:
         return {"callback": await _callbacks.user_status(sandbox, client(request), body)}
 
+    async def account_url(request: Request, body: dict[str, Any]) -> Any:
+        return {"callback": await _callbacks.account_url(sandbox, client(request), body)}
+
     async def activity(request: Request, body: dict[str, Any]) -> Any:
         system_url = f"{request.url.scheme}://{request.url.netloc}"
         return {"callback": await _callbacks.activity(sandbox, client(request), body, system_url)}
@@ -177,6 +180,7 @@ def _control_routes(sandbox: Sandbox) -> list[Route]:
         Route("/_sandbox/callbacks/click-to-call", _control(click_to_call), methods=["POST"]),
         Route("/_sandbox/callbacks/user-status", _control(user_status), methods=["POST"]),
         Route("/_sandbox/callbacks/activity", _control(activity), methods=["POST"]),
+        Route("/_sandbox/callbacks/account-url", _control(account_url), methods=["POST"]),
     ]
 
 

@@ -246,6 +246,10 @@ class SandboxControl:
         spec = {"account": account, "userId": user_id, "status": status, "method": method}
         return self._call("POST", "callbacks/user-status", spec)["callback"]  # type: ignore[no-any-return]
 
+    def account_url(self, *, code: str, account: str | None = None) -> dict[str, Any]:
+        spec = {"account": account, "code": code}
+        return self._call("POST", "callbacks/account-url", spec)["callback"]  # type: ignore[no-any-return]
+
     def activity(
         self, *, code: str, active: bool, freeze: bool = False, account: str | None = None
     ) -> dict[str, Any] | None:
@@ -310,6 +314,11 @@ class AsyncSandboxControl:
     ) -> dict[str, Any] | None:
         spec = {"account": account, "userId": user_id, "status": status, "method": method}
         return (await self._call("POST", "callbacks/user-status", spec))["callback"]  # type: ignore[no-any-return]
+
+    async def account_url(self, *, code: str, account: str | None = None) -> dict[str, Any]:
+        spec = {"account": account, "code": code}
+        reply = await self._call("POST", "callbacks/account-url", spec)
+        return reply["callback"]  # type: ignore[no-any-return]
 
     async def activity(
         self, *, code: str, active: bool, freeze: bool = False, account: str | None = None

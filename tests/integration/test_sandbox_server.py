@@ -76,6 +76,7 @@ def module(base: str) -> dict[str, Any]:
         "baseUrl": base,
         "clientId": SECRET,
         "actions": {"activity": "/actions/activity"},
+        "accountUrl": f"{base}/retailcrm/account",
         "integrations": {
             "telephony": {
                 "makeCallUrl": f"{base}/retailcrm/make-call",
@@ -144,7 +145,9 @@ async def test_status_change_updates_the_user_and_notifies(receiver: tuple[Recei
         assert state["accounts"]["test"]["users"][0]["status"] == "dinner"
 
 
-async def test_activity_posts_to_base_url_plus_action(receiver: tuple[Receiver, str]) -> None:
+async def test_activity_and_account_url_callbacks_post_the_client_id(
+    receiver: tuple[Receiver, str],
+) -> None:
     target, base = receiver
     async with AsyncSandboxServer(rate_limit=False) as crm:
         await register(crm, base)
@@ -154,6 +157,14 @@ async def test_activity_posts_to_base_url_plus_action(receiver: tuple[Receiver, 
         assert seen["form"]["clientId"] == SECRET
         assert json.loads(seen["form"]["activity"]) == {"active": False, "freeze": True}
         assert seen["form"]["systemUrl"] == crm.url
+        link = await crm.control.account_url(code="acme-pbx")
+        assert link["status"] == 200
+        assert target.seen[1] == {
+            "method": "POST",
+            "path": "/retailcrm/account",
+            "query": {},
+            "form": {"clientId": SECRET},
+        }
         async with httpx.AsyncClient(base_url=crm.url, headers={"X-API-KEY": crm.api_key}) as http:
             event = {"phone": "+1", "type": "in"}
             reply = await http.post(
