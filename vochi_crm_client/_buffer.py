@@ -2,10 +2,13 @@
 
 Each enterprise has its own FIFO, and batches are cut round-robin across enterprises, so one
 enterprise's flood adds at most one batch of delay to another's events. Popups (dial, bridge) are
-worth something only while the call rings: they expire after ``popup_ttl`` and are superseded
-once the call's hangup is queued. History (hangup, download) is kept until the bound; at the bound
-popups go first (from the enterprise holding most of them), then the oldest history of the
-enterprise holding most events. Every drop is counted by reason.
+worth something only while the call rings: they expire after ``popup_ttl`` and, once late, are
+superseded by the call's hangup. Late means: the hangup is queued while the target is
+``degraded`` (failing, breaker not closed), or the popup already failed an attempt or waited
+``supersede_after`` seconds. A popup merely lingering a few ms on a healthy target (a very short
+call) is still sent: the CRM shows the card and closes it. History (hangup, download) is kept
+until the bound; at the bound popups go first (from the enterprise holding most of them), then
+the oldest history of the enterprise holding most events. Every drop is counted by reason.
 
 Entries leave the FIFOs lazily: a dropped entry is only marked, and skipped when reached (or
 compacted away when dead entries pile up), which keeps every operation O(1) amortised.
@@ -33,13 +36,14 @@ _COMPACT_SLACK = 64
 class Entry:
     """One event on its way to one target."""
 
-    __slots__ = ("doomed", "enqueued_at", "event", "in_popups", "state")
+    __slots__ = ("doomed", "enqueued_at", "event", "failed", "in_popups", "state")
 
     def __init__(self, event: CallEvent, enqueued_at: float) -> None:
         self.event = event
         self.enqueued_at = enqueued_at
         self.state = _QUEUED
         self.in_popups = False
+        self.failed = False  # an attempt to send it failed (it was requeued)
         # Set on a held (in-flight) popup whose hangup arrived: dropped before the next attempt.
         self.doomed: str | None = None
 
@@ -78,9 +82,18 @@ class _EnterpriseQueue:
 class TargetBuffer:
     """Queued and in-flight events of one target, bounded at ``max_queue``."""
 
-    def __init__(self, *, max_queue: int, popup_ttl: float, counters: Counters | None = None):
+    def __init__(
+        self,
+        *,
+        max_queue: int,
+        popup_ttl: float,
+        supersede_after: float = 1.0,
+        counters: Counters | None = None,
+    ) -> None:
         self.max_queue = max_queue
         self.popup_ttl = popup_ttl
+        self.supersede_after = supersede_after
+        self.degraded = False  # set by the sender while the target fails
         self.counters = counters or Counters()
         self._queues: dict[str, _EnterpriseQueue] = {}
         self._ring: deque[str] = deque()
@@ -107,7 +120,7 @@ class TargetBuffer:
         if queue is None:
             queue = self._queues[ent] = _EnterpriseQueue()
         if not event.is_popup:
-            self._supersede(ent, event.call_unique_id)
+            self._supersede(ent, event.call_unique_id, now)
         entry = Entry(event, now)
         if event.is_popup:
             self._calls.setdefault((ent, event.call_unique_id), []).append(entry)
@@ -173,6 +186,7 @@ class TargetBuffer:
             if queue is None:
                 queue = self._queues[ent] = _EnterpriseQueue()
             entry.state = _QUEUED
+            entry.failed = True
             self._held -= 1
             self._queued += 1
             queue.live += 1
@@ -229,8 +243,20 @@ class TargetBuffer:
     def _stale(self, entry: Entry, now: float) -> bool:
         return entry.event.is_popup and now - entry.enqueued_at >= self.popup_ttl
 
-    def _supersede(self, ent: str, uid: str) -> None:
-        for entry in self._calls.pop((ent, uid), ()):
+    def _supersede(self, ent: str, uid: str, now: float) -> None:
+        popups = self._calls.get((ent, uid))
+        if not popups:
+            return
+        late = [
+            e
+            for e in popups
+            if self.degraded or e.failed or now - e.enqueued_at >= self.supersede_after
+        ]
+        if len(late) == len(popups):
+            del self._calls[(ent, uid)]
+        else:
+            popups[:] = [e for e in popups if e not in late]
+        for entry in late:
             if entry.state == _QUEUED:
                 self._drop_queued(self._queues[ent], entry, "superseded", unindex=False)
             elif entry.state == _HELD:

@@ -93,6 +93,7 @@ class CrmClient:
         retry_after_max: float = 30.0,
         max_queue: int = 50_000,
         popup_ttl: float = 30.0,
+        supersede_after: float = 1.0,
         pending_max: int = 10_000,
         drain_timeout: float = 5.0,
         breaker: BreakerConfig | None = None,
@@ -124,6 +125,7 @@ class CrmClient:
             retry_after_max=retry_after_max,
             max_queue=max_queue,
             popup_ttl=popup_ttl,
+            supersede_after=supersede_after,
             pending_max=pending_max,
             drain_timeout=drain_timeout,
         )

@@ -67,8 +67,10 @@ class DispatchConfig:
     - retries: each attempt is cut at ``attempt_timeout``; up to ``retries`` more attempts with full
       jitter backoff between ``backoff_base`` and ``backoff_max``; a ``Retry-After`` is honoured up
       to ``retry_after_max``. A batch still failing goes back to the front of its queue;
-    - buffering: at most ``max_queue`` events per target; popups expire after ``popup_ttl``;
-      ``pending_max`` events may wait for the matrix to learn about their enterprise;
+    - buffering: at most ``max_queue`` events per target; popups expire after ``popup_ttl``
+      and are superseded by their call's hangup once late (the target failing, or the popup
+      waiting ``supersede_after`` seconds); ``pending_max`` events may wait for the matrix to
+      learn about their enterprise;
     - shutdown: leaving the client flushes for at most ``drain_timeout`` seconds.
     """
 
@@ -83,6 +85,7 @@ class DispatchConfig:
     retry_after_max: float = 30.0
     max_queue: int = 50_000
     popup_ttl: float = 30.0
+    supersede_after: float = 1.0
     pending_max: int = 10_000
     drain_timeout: float = 5.0
 
@@ -92,7 +95,7 @@ class DispatchConfig:
                 raise ValueError(f"{name} must be >= 1")
         for name in ("attempt_timeout", "backoff_base", "backoff_max", "popup_ttl"):
             _positive(name, getattr(self, name))
-        for name in ("linger", "retry_after_max", "drain_timeout"):
+        for name in ("linger", "retry_after_max", "drain_timeout", "supersede_after"):
             _non_negative(name, getattr(self, name))
         if self.retries < 0:
             raise ValueError("retries must be >= 0")

@@ -30,7 +30,7 @@ import httpx
 from anyio.abc import TaskGroup
 
 from vochi_crm_client._backoff import BackoffPolicy, delay
-from vochi_crm_client._breaker import Breaker, Permit
+from vochi_crm_client._breaker import Breaker, BreakerState, Permit
 from vochi_crm_client._buffer import Counters, Entry, TargetBuffer
 from vochi_crm_client._config import DispatchConfig
 from vochi_crm_client._event import CallEvent
@@ -118,7 +118,10 @@ class TargetSender:
         self.breaker = breaker
         self.counters = Counters()
         self.buffer = TargetBuffer(
-            max_queue=config.max_queue, popup_ttl=config.popup_ttl, counters=self.counters
+            max_queue=config.max_queue,
+            popup_ttl=config.popup_ttl,
+            supersede_after=config.supersede_after,
+            counters=self.counters,
         )
         self._http = http
         self._clock = clock
@@ -304,6 +307,9 @@ class TargetSender:
     def _settle(self, permit: Permit, outcome: _Outcome) -> None:
         # A 4xx proves the target is up: only retryable failures count against the breaker.
         self.breaker.record(permit, outcome.kind != "retry", self._clock())
+        self.buffer.degraded = (
+            outcome.kind == "retry" or self.breaker.state is not BreakerState.CLOSED
+        )
         self._poke(self._breaker_naps)
 
     def _release(self, permit: Permit) -> None:

@@ -62,8 +62,9 @@ def test_popups_expire_after_the_ttl_and_history_does_not() -> None:
     assert buf.counters.dropped["expired"] == 2
 
 
-def test_a_queued_hangup_supersedes_only_its_own_calls_popups() -> None:
+def test_a_queued_hangup_supersedes_only_its_own_calls_popups_while_degraded() -> None:
     buf = TargetBuffer(max_queue=100, popup_ttl=30)
+    buf.degraded = True
     buf.put(ev("dial", "1"), 0)
     buf.put(ev("bridge", "1"), 0)
     buf.put(ev("dial", "2"), 0)
@@ -71,6 +72,25 @@ def test_a_queued_hangup_supersedes_only_its_own_calls_popups() -> None:
     buf.put(ev("hangup", "1"), 0)
     assert buf.counters.dropped["superseded"] == 2
     assert sorted(kinds(buf.take(0, 10, 1 << 20))) == ["dial:1", "dial:2", "hangup:1"]
+
+
+def test_on_a_healthy_target_only_late_popups_are_superseded() -> None:
+    buf = TargetBuffer(max_queue=100, popup_ttl=30, supersede_after=1.0)
+    buf.put(ev("dial", "old"), 0)
+    buf.put(ev("dial", "new"), 9.5)
+    buf.put(ev("hangup", "old"), 10)  # its dial waited 10 s: late
+    buf.put(ev("hangup", "new"), 10)  # its dial waited 0.5 s: still sent (a very short call)
+    assert buf.counters.dropped["superseded"] == 1
+    assert kinds(buf.take(10, 10, 1 << 20)) == ["dial:new", "hangup:old", "hangup:new"]
+
+
+def test_a_popup_that_failed_an_attempt_is_superseded_at_once() -> None:
+    buf = TargetBuffer(max_queue=100, popup_ttl=30)
+    buf.put(ev("dial", "1"), 0)
+    buf.requeue(buf.take(0, 10, 1 << 20))
+    buf.put(ev("hangup", "1"), 0.1)
+    assert kinds(buf.take(0.1, 10, 1 << 20)) == ["hangup:1"]
+    assert buf.counters.dropped["superseded"] == 1
 
 
 def test_batches_are_cut_round_robin_across_enterprises() -> None:
@@ -95,6 +115,7 @@ def test_requeued_events_go_back_to_the_front_in_order() -> None:
 
 def test_superseded_entries_are_compacted_away_and_the_call_index_is_freed() -> None:
     buf = TargetBuffer(max_queue=100_000, popup_ttl=30)
+    buf.degraded = True
     for i in range(10_000):
         buf.put(ev("dial", str(i)), 0)
         buf.put(ev("hangup", str(i)), 0)
@@ -116,7 +137,8 @@ def test_superseded_entries_are_compacted_away_and_the_call_index_is_freed() -> 
             st.tuples(st.just("take"), st.integers(1, 6)),
             st.tuples(st.just("settle")),
             st.tuples(st.just("requeue")),
-            st.tuples(st.just("tick"), st.sampled_from([1.0, 10.0, 31.0])),
+            st.tuples(st.just("tick"), st.sampled_from([0.1, 1.0, 10.0, 31.0])),
+            st.tuples(st.just("degrade"), st.booleans()),
         ),
         max_size=60,
     )
@@ -139,6 +161,8 @@ def test_every_event_is_accounted_for(ops: list[tuple[Any, ...]]) -> None:
         elif op[0] == "requeue" and held:
             buf.requeue(held)
             held = []
+        elif op[0] == "degrade":
+            buf.degraded = op[1]
         elif op[0] == "tick":
             now += op[1]
             buf.expire(now)
