@@ -281,7 +281,7 @@ class IntegrationLogWriter:
         for attempt in range(3):
             try:
                 await self._sink(batch)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except Exception as exc:  # the journal must outlive any failure of its sink
                 logger.warning(
                     "integration_log.insert_failed rows=%d attempt=%d error=%s",
                     len(batch),
@@ -308,7 +308,7 @@ class IntegrationLogWriter:
         while True:
             try:
                 self._purged += await self._purge(self._retention_days)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except Exception as exc:  # retried at the next interval
                 logger.warning("integration_log.purge_failed error=%s", type(exc).__name__)
             await self._sleep(self._purge_interval)
 
