@@ -17,9 +17,11 @@ for minutes, "nobody" for less, errors for seconds. Lookups are paced with the s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
+import random
 import re
 import time
 import unicodedata
@@ -32,6 +34,7 @@ import asyncpg
 
 from retailcrm_service.asterisk import InvalidArgument, validate_context
 from retailcrm_service.pacing import Pacer
+from vochi_crm_client import NOT_LOADED, CacheSettings, RefreshingCache
 
 if TYPE_CHECKING:
     from retailcrm_service.config import RetailCrmConfig
@@ -39,6 +42,17 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 USER_STATUSES = frozenset({"free", "busy", "dinner", "break"})
+# Found managers stay fresh for minutes (then are served stale while one background lookup
+# refreshes them); "unknown caller" answers for less; errors are not stored.
+DEFAULT_CACHE = CacheSettings(
+    ttl=300.0,
+    ttl_jitter=0.1,
+    negative_ttl=30.0,
+    max_staleness=3600.0,
+    retry_interval=5.0,
+    load_timeout=10.0,
+    sweep_interval=1.0,
+)
 MAX_NAME_CHARS = 48
 _TRUNK_RE = re.compile(r"[A-Za-z0-9_-]{1,40}")
 
@@ -125,9 +139,6 @@ class SmartOptions:
     redirect_channel: bool = False
     redirect_context: str = "inoffice"
     deadline: float = 0.3
-    positive_ttl: float = 300.0
-    negative_ttl: float = 30.0
-    error_ttl: float = 5.0
     respect_status: bool = True
 
     @classmethod
@@ -148,8 +159,6 @@ class SmartOptions:
             redirect_channel=_flag(raw.get("redirect_channel"), False),
             redirect_context=context,
             deadline=_number(raw.get("deadline_ms"), 300, 20, 2000) / 1000,
-            positive_ttl=_number(raw.get("cache_ttl_s"), 300, 1, 3600),
-            negative_ttl=_number(raw.get("negative_ttl_s"), 30, 1, 600),
             respect_status=_flag(raw.get("respect_status"), True),
         )
 
@@ -212,55 +221,53 @@ class ConfigSource(Protocol):
     async def get(self, number: str) -> RetailCrmConfig | None: ...
 
 
-@dataclass(slots=True)
-class _Entry:
-    value: Any
-    expires: float
+class _Cached:
+    """An ``async with`` owner of one RefreshingCache (the helpers below share this)."""
+
+    _cache: RefreshingCache[Any, Any]
+
+    async def __aenter__(self) -> Any:
+        await self._cache.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._cache.__aexit__(*exc_info)
+
+    def stats(self) -> dict[str, Any]:
+        return self._cache.stats()
+
+    async def _cached(self, key: Any) -> Any:
+        value = self._cache.peek(key)
+        return await self._cache.get(key) if value is NOT_LOADED else value
 
 
-class _TtlMap:
-    """A bounded dict with per-entry expiry (oldest evicted first)."""
-
-    def __init__(self, *, clock: Callable[[], float], max_entries: int) -> None:
-        self._clock = clock
-        self._max = max_entries
-        self._data: dict[Any, _Entry] = {}
-
-    def get(self, key: Any) -> Any | None:
-        entry = self._data.get(key)
-        if entry is None:
-            return None
-        if entry.expires <= self._clock():
-            self._data.pop(key, None)
-            return None
-        return entry.value
-
-    def put(self, key: Any, value: Any, ttl: float) -> None:
-        self._data.pop(key, None)
-        while len(self._data) >= self._max:
-            self._data.pop(next(iter(self._data)))
-        self._data[key] = _Entry(value, self._clock() + ttl)
-
-    def discard_where(self, predicate: Callable[[Any], bool]) -> None:
-        for key in [k for k in self._data if predicate(k)]:
-            self._data.pop(key, None)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-
-class UserStatusBook:
+class UserStatusBook(_Cached):
     """Users' statuses reported by RetailCRM (``/retailcrm/status``), in ``retailcrm_user_status``.
 
     Reads are cached for ``ttl`` seconds; this instance's own writes are visible at once.
     """
 
     def __init__(
-        self, *, pool: asyncpg.Pool, clock: Callable[[], float] = time.monotonic, ttl: float = 2.0
+        self,
+        *,
+        pool: asyncpg.Pool,
+        ttl: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._pool = pool
-        self._ttl = ttl
-        self._cache = _TtlMap(clock=clock, max_entries=50_000)
+        settings = CacheSettings(ttl=ttl, ttl_jitter=0, negative_ttl=ttl, max_staleness=ttl * 30)
+        self._cache = RefreshingCache(
+            load_one=self._load, settings=settings, name="user_status", clock=clock, sleep=sleep
+        )
+
+    async def _load(self, key: tuple[str, str]) -> str | None:
+        status = await self._pool.fetchval(
+            """SELECT status FROM retailcrm_user_status
+               WHERE enterprise_number = $1 AND retailcrm_user_id = $2""",
+            *key,
+        )
+        return str(status) if status is not None else None
 
     async def record(
         self, enterprise_number: str, user_id: str, status: str, *, code: str | None = None
@@ -279,22 +286,12 @@ class UserStatusBook:
             code,
             status,
         )
-        self._cache.put((enterprise_number, user_id), status, self._ttl)
+        self._cache.invalidate((enterprise_number, user_id), reload=False)
 
     async def get(self, enterprise_number: str, user_id: str) -> str | None:
         """The last reported status, or None when RetailCRM never told us."""
-        key = (enterprise_number, user_id)
-        cached = self._cache.get(key)
-        if cached is not None:
-            return str(cached) or None
-        status = await self._pool.fetchval(
-            """SELECT status FROM retailcrm_user_status
-               WHERE enterprise_number = $1 AND retailcrm_user_id = $2""",
-            enterprise_number,
-            user_id,
-        )
-        self._cache.put(key, status or "", self._ttl)
-        return status
+        value = await self._cached((enterprise_number, user_id))
+        return str(value) if value is not None else None
 
     async def all_for(self, enterprise_number: str) -> dict[str, str]:
         rows = await self._pool.fetch(
@@ -305,55 +302,68 @@ class UserStatusBook:
         return {r["retailcrm_user_id"]: r["status"] for r in rows}
 
 
-class InternalPhones:
+class InternalPhones(_Cached):
     """``user_internal_phones``: extension -> id per enterprise, cached for ``ttl`` seconds."""
-
-    def __init__(
-        self, *, pool: asyncpg.Pool, clock: Callable[[], float] = time.monotonic, ttl: float = 60.0
-    ) -> None:
-        self._pool = pool
-        self._ttl = ttl
-        self._cache = _TtlMap(clock=clock, max_entries=10_000)
-
-    async def id_of(self, enterprise_number: str, extension: str) -> int | None:
-        table = self._cache.get(enterprise_number)
-        if table is None:
-            rows = await self._pool.fetch(
-                """SELECT phone_number, min(id) AS id FROM user_internal_phones
-                   WHERE enterprise_number = $1 GROUP BY phone_number""",
-                enterprise_number,
-            )
-            table = {r["phone_number"]: int(r["id"]) for r in rows}
-            self._cache.put(enterprise_number, table, self._ttl)
-        value = table.get(extension)
-        return int(value) if value is not None else None
-
-
-class EnterpriseTokens:
-    """The dialplan's ``Token`` header -> ``enterprises.number`` (name2, secret or number)."""
 
     def __init__(
         self,
         *,
         pool: asyncpg.Pool,
+        ttl: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
-        ttl: float = 300.0,
-        negative_ttl: float = 30.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._pool = pool
-        self._ttl = ttl
-        self._negative_ttl = negative_ttl
-        self._cache = _TtlMap(clock=clock, max_entries=20_000)
+        settings = CacheSettings(ttl=ttl, max_staleness=ttl * 30)
+        self._cache = RefreshingCache(
+            load_one=self._load,
+            settings=settings,
+            name="internal_phones",
+            clock=clock,
+            sleep=sleep,
+        )
 
-    async def resolve(self, token: str) -> str | None:
-        token = token.strip()
-        if not token or len(token) > 128:
-            return None
-        # Keyed by digest: the cache must not become a second copy of the secrets.
-        key = hashlib.sha256(token.encode()).digest()
-        cached = self._cache.get(key)
-        if cached is not None:
-            return str(cached) or None
+    async def _load(self, enterprise_number: str) -> dict[str, int]:
+        rows = await self._pool.fetch(
+            """SELECT phone_number, min(id) AS id FROM user_internal_phones
+               WHERE enterprise_number = $1 GROUP BY phone_number""",
+            enterprise_number,
+        )
+        return {r["phone_number"]: int(r["id"]) for r in rows}
+
+    async def id_of(self, enterprise_number: str, extension: str) -> int | None:
+        table = await self._cached(enterprise_number)
+        value = table.get(extension) if isinstance(table, dict) else None
+        return int(value) if value is not None else None
+
+
+class EnterpriseTokens(_Cached):
+    """The dialplan's ``Token`` header -> ``enterprises.number`` (name2, secret or number).
+
+    Unknown tokens are cached negatively, so junk tokens cannot hammer the database.
+    """
+
+    def __init__(
+        self,
+        *,
+        pool: asyncpg.Pool,
+        ttl: float = 300.0,
+        negative_ttl: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._pool = pool
+        settings = CacheSettings(ttl=ttl, negative_ttl=negative_ttl, max_staleness=ttl * 12)
+        self._cache = RefreshingCache(
+            load_one=self._load,
+            settings=settings,
+            name="dialplan_tokens",
+            describe_key=lambda token: "***" + token[-4:] if len(token) >= 16 else "***",
+            clock=clock,
+            sleep=sleep,
+        )
+
+    async def _load(self, token: str) -> str | None:
         number = await self._pool.fetchval(
             """SELECT number FROM enterprises
                WHERE name2 = $1 OR secret = $1 OR number = $1
@@ -361,14 +371,21 @@ class EnterpriseTokens:
                LIMIT 1""",
             token,
         )
-        self._cache.put(key, number or "", self._ttl if number else self._negative_ttl)
-        return number
+        return str(number) if number is not None else None
+
+    async def resolve(self, token: str) -> str | None:
+        token = token.strip()
+        if not token or len(token) > 128:
+            return None
+        value = await self._cached(token)
+        return str(value) if value is not None else None
 
 
 # --------------------------------------------------------------------------- the service
 
 
 ClientFactory = Callable[["RetailCrmConfig"], CrmLookup]
+_Key = tuple[str, str, str]  # (enterprise number, credentials fingerprint, caller digits)
 
 
 def _credentials_id(config: RetailCrmConfig) -> str:
@@ -386,12 +403,13 @@ class SmartRedirect:
         client_for: ClientFactory,
         internal_phones: InternalPhones | Callable[[str, str], Awaitable[int | None]],
         statuses: UserStatusBook | None = None,
+        tokens: EnterpriseTokens | None = None,
         pacer: Pacer | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        max_entries: int = 50_000,
+        cache: CacheSettings | None = None,
         default_deadline: float = 0.3,
-        lookup_timeout: float = 10.0,
-        drain_timeout: float = 3.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: random.Random | None = None,
     ) -> None:
         self._configs = configs
         self._client_for = client_for
@@ -402,44 +420,45 @@ class SmartRedirect:
         )
         self._statuses = statuses
         self._pacer = pacer
-        self._clock = clock
-        self._cache = _TtlMap(clock=clock, max_entries=max_entries)
-        self._inflight: dict[tuple[str, str, str], asyncio.Task[Lookup]] = {}
-        self._group: asyncio.TaskGroup | None = None
-        self._lookup_timeout = lookup_timeout
         self._default_deadline = default_deadline
-        self._drain_timeout = drain_timeout
+        # The library's cache: single-flight loads owned by the cache (they outlive a caller's
+        # deadline and land for the next call), stale-while-revalidate, negative entries.
+        self._cache: RefreshingCache[_Key, Lookup] = RefreshingCache(
+            load_one=self._load,
+            settings=cache or DEFAULT_CACHE,
+            name="smart_redirect",
+            describe_key=lambda key: f"{key[0]}/***{key[2][-4:]}",
+            clock=clock,
+            sleep=sleep,
+            rng=rng,
+        )
         self.statuses = statuses
-        self.tokens: EnterpriseTokens | None = None
-        self.counters: dict[str, int] = {
-            "decisions": 0,
-            "cache_hits": 0,
-            "lookups": 0,
-            "timeouts": 0,
-            "errors": 0,
-        }
+        self.tokens = tokens
+        self._owned: list[Any] = [
+            h for h in (statuses, internal_phones, tokens) if isinstance(h, _Cached)
+        ]
+        self._stack: contextlib.AsyncExitStack | None = None
+        self.counters: dict[str, int] = {"decisions": 0, "timeouts": 0, "errors": 0}
 
     async def __aenter__(self) -> SmartRedirect:
-        self._group = asyncio.TaskGroup()
-        await self._group.__aenter__()
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(self._cache)
+            for helper in self._owned:
+                await stack.enter_async_context(helper)
+            self._stack = stack.pop_all()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        group, self._group = self._group, None
-        pending = set(self._inflight.values())
-        if pending:
-            _done, late = await asyncio.wait(pending, timeout=self._drain_timeout)
-            for task in late:
-                task.cancel()
-        if group is not None:
-            await group.__aexit__(None, None, None)
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.__aexit__(None, None, None)
 
-    def forget(self, enterprise_number: str) -> None:
-        """Drop cached answers of one enterprise (its config changed)."""
-        self._cache.discard_where(lambda key: key[0] == enterprise_number)
+    def forget(self, enterprise_number: str) -> int:
+        """Drop cached answers of one enterprise (its config changed); returns how many."""
+        return self._cache.invalidate_if(lambda key, _value: key[0] == enterprise_number)
 
     def stats(self) -> dict[str, Any]:
-        return {**self.counters, "cached": len(self._cache), "inflight": len(self._inflight)}
+        return {**self.counters, "cache": self._cache.stats()}
 
     # ------------------------------------------------------------------ deciding
 
@@ -497,13 +516,10 @@ class SmartRedirect:
         base: Decision,
     ) -> Decision:
         key = (config.enterprise_number, _credentials_id(config), digits)
-        found = self._cache.get(key)
-        cached = found is not None
-        if cached:
-            self.counters["cache_hits"] += 1
-        else:
-            found = await asyncio.shield(self._lookup_task(key, config, options))
-        assert isinstance(found, Lookup)
+        peeked = self._cache.peek(key)
+        cached = peeked is not NOT_LOADED
+        value = peeked if cached else await self._cache.get(key)
+        found = value if isinstance(value, Lookup) else Lookup(source="none")
         decision = replace(
             base,
             source=found.source,
@@ -533,38 +549,26 @@ class SmartRedirect:
 
     # ------------------------------------------------------------------ CRM lookups
 
-    def _lookup_task(
-        self, key: tuple[str, str, str], config: RetailCrmConfig, options: SmartOptions
-    ) -> asyncio.Task[Lookup]:
-        task = self._inflight.get(key)
-        if task is not None:
-            return task
-        if self._group is None:
-            raise RuntimeError("SmartRedirect is not open (use `async with`)")
-        task = self._group.create_task(self._run_lookup(key, config, options), name="smart-lookup")
-        self._inflight[key] = task
-        task.add_done_callback(lambda _t: self._inflight.pop(key, None))
-        return task
+    async def _load(self, key: _Key) -> Lookup | None:
+        """The cache's loader: ask RetailCRM with the enterprise's own account.
 
-    async def _run_lookup(
-        self, key: tuple[str, str, str], config: RetailCrmConfig, options: SmartOptions
-    ) -> Lookup:
-        self.counters["lookups"] += 1
+        None (cached for the shorter negative TTL) when RetailCRM knows neither a manager nor
+        a name for the caller; errors propagate (the cache does not store them).
+        """
+        config = await self._configs.get(key[0])
+        if config is None or not config.is_on:
+            return None
         try:
-            async with asyncio.timeout(self._lookup_timeout):
-                found = await self._ask_crm(config, key[2])
-        except Exception as exc:  # the task boundary: nothing may escape into the group
-            self.counters["errors"] += 1
+            found = await self._ask_crm(config, key[2])
+        except Exception as exc:
             logger.warning(
                 "smart_redirect.lookup_failed enterprise=%s error=%s",
                 config.enterprise_number,
                 type(exc).__name__,
             )
-            found = Lookup(source="error")
-            self._cache.put(key, found, options.error_ttl)
-            return found
-        ttl = options.positive_ttl if found.manager_id is not None else options.negative_ttl
-        self._cache.put(key, found, ttl)
+            raise
+        if found.manager_id is None and not found.customer_name:
+            return None
         return found
 
     async def _paced(self, config: RetailCrmConfig, method: str) -> None:
@@ -679,9 +683,9 @@ async def smart_redirect_component(runtime: Any) -> AsyncIterator[SmartRedirect]
         client_for=runtime.retailcrm,
         internal_phones=InternalPhones(pool=runtime.pool),
         statuses=UserStatusBook(pool=runtime.pool),
+        tokens=EnterpriseTokens(pool=runtime.pool),
         pacer=_shared_pacer(runtime),
     )
-    smart.tokens = EnterpriseTokens(pool=runtime.pool)
     async with smart:
         runtime.metrics.add_source("smart_redirect", smart.stats)
         try:

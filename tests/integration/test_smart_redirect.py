@@ -201,11 +201,11 @@ async def test_slow_retailcrm_fails_open_within_the_deadline_then_the_answer_is_
             assert stack.smart.stats()["timeouts"] == 1
             assert elapsed < 2.0, "the reply waited for RetailCRM instead of failing open"
             # The lookup went on in the background; once it lands, the caller's retry is routed.
-            while stack.smart.stats()["inflight"]:
+            while stack.smart.stats()["cache"]["inflight"]:
                 await asyncio.sleep(0.05)
             again = await getcustomerdata(stack, row["name2"])
             assert json.loads(again.text)["DialPlan"] is not None
-            assert stack.smart.stats()["cache_hits"] == 1
+            assert stack.smart.stats()["cache"]["hits"] == 1
 
 
 async def test_each_enterprise_is_looked_up_with_its_own_retailcrm_account(

@@ -16,7 +16,8 @@ from retailcrm_service.smart_redirect import (
     phone_key,
     sanitize_name,
 )
-from vochi_crm_client.testing import FakeClock
+from vochi_crm_client import CacheSettings
+from vochi_crm_client.testing import FakeClock, seeded_rng, settle
 
 PHONE = "+375291234567"
 
@@ -119,14 +120,21 @@ def service(
     def client_for(cfg: RetailCrmConfig) -> FakeCrm:
         return crm[cfg.enterprise_number] if isinstance(crm, dict) else crm
 
+    clock = clock or FakeClock()
     return SmartRedirect(
         configs=Configs(*(configs or (config(),))),
         client_for=client_for,
         internal_phones=phone_ids,
         statuses=statuses,  # type: ignore[arg-type]
         pacer=pacer,
-        clock=clock or FakeClock(),
+        cache=CACHE,
+        clock=clock,
+        sleep=clock.sleep,
+        rng=seeded_rng(),
     )
+
+
+CACHE = CacheSettings(ttl=300, ttl_jitter=0, negative_ttl=30, max_staleness=3600, sweep_interval=1)
 
 
 MANAGER = {"id": 7, "firstName": "Ann", "lastName": "Lee", "code": "150"}
@@ -185,6 +193,10 @@ async def test_manager_without_any_extension_is_not_redirected() -> None:
     assert (decision.source, decision.extension, decision.dialplan) == ("unmapped", None, None)
 
 
+def manager_lookups(crm: FakeCrm) -> int:
+    return len([c for c in crm.calls if c[0] == "telephony/manager"])
+
+
 async def test_answers_are_cached_positive_for_minutes_negative_for_less() -> None:
     clock = FakeClock()
     found, nobody = FakeCrm(manager=MANAGER), FakeCrm()
@@ -194,33 +206,41 @@ async def test_answers_are_cached_positive_for_minutes_negative_for_less() -> No
             assert (await smart.decide("0367", PHONE, trunk="1")).extension == "150"
             assert (await smart.decide("0368", PHONE, trunk="1")).source == "none"
         assert (await smart.decide("0367", PHONE)).cached
-        assert len(found.calls) == 1
-        assert len([c for c in nobody.calls if c[0] == "telephony/manager"]) == 1
-        clock.advance(31)
+        assert (manager_lookups(found), manager_lookups(nobody)) == (1, 1)
+        await clock.run_for(31, step=1)
         await smart.decide("0367", PHONE)
         await smart.decide("0368", PHONE)
-        assert len(found.calls) == 1  # still fresh
-        assert len([c for c in nobody.calls if c[0] == "telephony/manager"]) == 2
-        clock.advance(300)
-        await smart.decide("0367", PHONE)
-        assert len(found.calls) == 2
+        assert (manager_lookups(found), manager_lookups(nobody)) == (1, 2)
 
 
-async def test_crm_errors_fail_open_and_are_cached_briefly() -> None:
+async def test_a_stale_answer_is_served_at_once_and_refreshed_in_the_background() -> None:
     clock = FakeClock()
-    crm = FakeCrm(fail=RuntimeError("boom"))
+    crm = FakeCrm(manager=MANAGER)
     async with service(crm, clock=clock) as smart:
-        first = await smart.decide("0367", PHONE, trunk="1")
-        second = await smart.decide("0367", PHONE, trunk="1")
-        clock.advance(6)
         await smart.decide("0367", PHONE, trunk="1")
+        await clock.run_for(301, step=1)
+        crm.manager = {**MANAGER, "id": 9, "code": "151"}
+        stale = await smart.decide("0367", PHONE, trunk="1")
+        await settle()
+        fresh = await smart.decide("0367", PHONE, trunk="1")
+    assert (stale.cached, stale.manager_id) == (True, 7)
+    assert (fresh.cached, fresh.manager_id) == (True, 9)
+    assert manager_lookups(crm) == 2
+
+
+async def test_crm_errors_fail_open_and_are_not_stored() -> None:
+    crm = FakeCrm(fail=RuntimeError("boom"))
+    async with service(crm) as smart:
+        first = await smart.decide("0367", PHONE, trunk="1")
+        crm.fail = None
+        crm.manager = MANAGER
+        second = await smart.decide("0367", PHONE, trunk="1")
     assert (first.source, first.dialplan, first.as_reply()) == (
         "error",
         None,
         b'{"Name":"","DialPlan":null}',
     )
-    assert second.source == "error"
-    assert len(crm.calls) == 2
+    assert (second.source, second.extension) == ("telephony_manager", "150")
 
 
 async def test_concurrent_calls_for_one_phone_share_one_lookup() -> None:
@@ -306,14 +326,10 @@ def test_dialplan_context_needs_an_internal_phone_and_a_sane_trunk() -> None:
 def test_options_are_clamped_and_defaulted() -> None:
     assert SmartOptions.from_mapping(None) == SmartOptions()
     opts = SmartOptions.from_mapping(
-        {"deadline_ms": 5, "mode": "routing+name", "redirect_channel": "1", "cache_ttl_s": 1e9}
+        {"deadline_ms": 5, "mode": "routing+name", "redirect_channel": "1"}
     )
-    assert (opts.deadline, opts.mode, opts.redirect_channel, opts.positive_ttl) == (
-        0.02,
-        "routing",
-        True,
-        3600,
-    )
+    assert (opts.deadline, opts.mode, opts.redirect_channel) == (0.02, "routing", True)
+    assert SmartOptions.from_mapping({"deadline_ms": 10**9}).deadline == 2.0
     assert SmartOptions.from_mapping({"enabled": False}).mode == "off"
     assert SmartOptions.from_mapping({"redirect_context": "bad context"}).redirect_context == (
         "inoffice"
