@@ -32,9 +32,12 @@ def _cmd_sandbox(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from retailcrm_service.demo import run
+    from retailcrm_service.demo import DemoPorts, run
 
-    return run()
+    ports = DemoPorts(
+        sandbox=args.sandbox_port, service=args.service_port, call_service=args.call_service_port
+    )
+    return run(ports=ports, wait=not args.no_wait)
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
@@ -73,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox.set_defaults(func=_cmd_sandbox)
 
     demo = sub.add_parser("demo", help="run the whole system locally with the sandbox")
+    demo.add_argument("--sandbox-port", type=int, default=8090)
+    demo.add_argument("--service-port", type=int, default=8019)
+    demo.add_argument("--call-service-port", type=int, default=8000)
+    demo.add_argument(
+        "--no-wait", action="store_true", help="stop everything once the demo call is shown"
+    )
     demo.set_defaults(func=_cmd_demo)
 
     token = sub.add_parser("token", help="print a short-lived admin link for an enterprise")
@@ -87,6 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    # Chatty third-party loggers: pgserver echoes initdb's output, httpx logs every request.
+    for name in ("pgserver", "httpx", "httpcore"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -97,7 +98,10 @@ async def _apply_pending(conn: asyncpg.Connection) -> list[str]:
 
 def embedded_database_url(data_dir: str | os.PathLike[str]) -> str:
     """Start (or join) the embedded PostgreSQL under ``data_dir`` and return its DSN."""
-    import pgserver  # imported lazily: only needed without DATABASE_URL
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (services, CI); its fallback is fine.
+        warnings.simplefilter("ignore")
+        import pgserver  # imported lazily: only needed without DATABASE_URL
 
     pgdata = Path(data_dir).resolve() / "pgdata"
     pgdata.mkdir(parents=True, exist_ok=True)
