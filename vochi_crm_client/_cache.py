@@ -234,6 +234,7 @@ class RefreshingCache(Generic[K, V]):
         self._sleep = sleep
         self._rng: SupportsRandom = rng if rng is not None else random.Random()
         self._state = CacheState.UNOPENED
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -271,6 +272,9 @@ class RefreshingCache(Generic[K, V]):
     async def __aenter__(self) -> RefreshingCache[K, V]:
         if self._state is not CacheState.UNOPENED:
             raise StateError(f"cache {self.name!r} can be opened only once")
+        # Kept so that the synchronous methods (invalidate, peek's revalidation) also work when
+        # called from code that runs outside the loop's current task.
+        self._loop = asyncio.get_running_loop()
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
         self._state = CacheState.OPEN
@@ -355,7 +359,8 @@ class RefreshingCache(Generic[K, V]):
             self._start_load(key)
 
     def _start_load(self, key: K) -> asyncio.Future[V | None]:
-        fut: asyncio.Future[V | None] = asyncio.get_running_loop().create_future()
+        assert self._loop is not None
+        fut: asyncio.Future[V | None] = self._loop.create_future()
         fut.add_done_callback(_retrieve)
         self._inflight[key] = fut
         self._spawn(self._run_load(key, fut))
@@ -419,7 +424,8 @@ class RefreshingCache(Generic[K, V]):
         """The next reload to start (shared by everyone asking while another one runs)."""
         reload = self._pending
         if reload is None:
-            reload = self._pending = _Reload(asyncio.get_running_loop())
+            assert self._loop is not None
+            reload = self._pending = _Reload(self._loop)
             if self._running is None:
                 self._start_pending_reload()
         return reload
