@@ -122,6 +122,8 @@ async def _enterprise(runtime: Runtime, request: Request, params: dict[str, str]
     if config is None:
         logger.warning("callbacks.unknown_client path=%s", request.url.path)
         raise ApiError(401, "unauthorized", "unknown clientId")
+    if not (config.active and config.enabled):
+        raise ApiError(403, "disabled", "the RetailCRM integration is off for this account")
     wait = _limiter(request).take(client_id)
     if wait > 0:
         raise ApiError(

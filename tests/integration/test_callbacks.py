@@ -206,3 +206,25 @@ async def test_status_changes_are_recorded_and_steer_smart_redirect(
     assert invalid.status_code == 422
     row = await db.fetchrow("SELECT code, status FROM retailcrm_user_status")
     assert dict(row) == {"code": "150", "status": "dinner"}
+
+
+async def test_callbacks_of_a_disabled_integration_are_refused(
+    db: asyncpg.Connection, database_url: str, ssh: SshServer
+) -> None:
+    key = secrets.token_hex(16)
+    async with AsyncSandboxServer(
+        accounts=[account("acme", key, manager=MANAGER, customer=CUSTOMER)], rate_limit=False
+    ) as crm:
+        client_id, _ = await setup(db, crm, key)
+        await db.execute(
+            """UPDATE enterprises SET integrations_config = jsonb_set(
+                   integrations_config, '{retailcrm,enabled}', 'false') WHERE number = '0367'"""
+        )
+        async with service(database_url, ssh) as stack:
+            reply = await stack.http.get(
+                "/retailcrm/make-call",
+                params={"clientId": client_id, "code": "150", "phone": PHONE},
+            )
+    assert reply.status_code == 403
+    assert reply.json()["error"]["code"] == "disabled"
+    assert ssh.calls() == []
