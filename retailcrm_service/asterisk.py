@@ -414,7 +414,7 @@ class AsteriskControl:
     ) -> CommandResult:
         """Move a live channel to ``context,exten,priority`` (default context ``inoffice``)."""
         cli = redirect_command(channel, context or self.settings.redirect_context, exten, priority)
-        return _check_result(await self.run_cli(host, cli))
+        return _check_result(await self._run_cli(host, cli))
 
     async def originate(self, host: str, extension: str, phone: str) -> CommandResult:
         """Click-to-call: ring ``extension``; when answered, dial ``phone``."""
@@ -424,14 +424,19 @@ class AsteriskControl:
             originate_context=self.settings.originate_context,
             dial_context=self.settings.dial_context,
         )
-        return _check_result(await self.run_cli(host, cli))
+        return _check_result(await self._run_cli(host, cli))
 
     async def list_channels(self, host: str) -> list[ChannelInfo]:
-        result = _check_result(await self.run_cli(host, LIST_CHANNELS_COMMAND))
+        result = _check_result(await self._run_cli(host, LIST_CHANNELS_COMMAND))
         return parse_channels_concise(result.stdout)
 
-    async def run_cli(self, host: str, cli: str) -> CommandResult:
-        """Run one already-validated CLI command as ``asterisk -rx`` on ``host``."""
+    async def show_channel(self, host: str, channel: str) -> str:
+        """``core show channel <channel>``: Asterisk's description of one live channel."""
+        cli = f"core show channel {validate_channel(channel)}"
+        return _check_result(await self._run_cli(host, cli)).stdout
+
+    async def _run_cli(self, host: str, cli: str) -> CommandResult:
+        # Private: every caller builds ``cli`` from validated parts (see the operations above).
         host = validate_host(host)
         command = remote_command(cli, binary=self.settings.asterisk_binary)
         started = self._clock()

@@ -186,3 +186,9 @@ async def test_a_malformed_client_key_is_reported_as_unavailable(
         with pytest.raises(AsteriskUnavailable):
             await asterisk.originate(HOST, "150", "375291234567")
     assert server.calls() == []
+
+
+async def test_show_channel_runs_the_documented_inspection_command(server: SshServer) -> None:
+    async with AsteriskControl(settings=server.settings()) as asterisk:
+        await asterisk.show_channel(HOST, "SIP/150-0000a1b2")
+    assert server.calls() == [["asterisk", "-rx", "core show channel SIP/150-0000a1b2"]]

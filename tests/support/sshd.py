@@ -8,7 +8,8 @@ in the client would show up in the argv the stub records.
 
 The stub ``asterisk`` appends its argv as one JSON line to ``calls.jsonl`` and answers like
 Asterisk's CLI: canned text for ``core show channels concise``, a success line for
-``channel redirect``, nothing for ``channel originate``.
+``channel redirect``, nothing for ``channel originate``, a short description for
+``core show channel``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ elif cli.startswith("channel redirect "):
         print("Channel '%s' successfully redirected to %s" % (parts[2], parts[3]))
 elif cli.startswith("channel originate "):
     pass
+elif cli.startswith("core show channel "):
+    print(" -- General --\n           Name: %s\n          State: Up (6)" % cli.split(" ")[3])
 else:
     print("No such command '%s' (type 'core show help %s' for other possible commands)"
           % (cli, cli.split(" ")[0]))
