@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -10,7 +12,7 @@ from contextlib import asynccontextmanager
 import asyncpg
 
 from retailcrm_service.db import with_database
-from tests.support.pg import create_enterprise
+from tests.support.pg import EmbeddedPostgres, create_enterprise
 from vochi_crm_client import BackoffPolicy, Change, ChangeListener, ListenerSettings
 
 SETTINGS = ListenerSettings(
@@ -192,3 +194,35 @@ async def test_unreachable_database_is_retried_with_backoff_and_reported(
     assert stats["last_error"] == "InvalidCatalogNameError"
     assert recorder.reloads == 0
     assert "no_such_database" not in repr(listener)
+
+
+async def test_a_silently_hung_connection_is_caught_by_the_heartbeat_and_replaced(
+    private_postgres: EmbeddedPostgres,
+) -> None:
+    """The backend is frozen (SIGSTOP): no error, no FIN, just silence, like a lost network."""
+    dsn = private_postgres.admin_dsn
+    recorder = Recorder()
+    settings = ListenerSettings(
+        heartbeat_interval=0.1,
+        heartbeat_timeout=0.5,
+        connect_timeout=0.5,
+        reconnect=BackoffPolicy(base=0.05, cap=0.1),
+    )
+    async with ChangeListener(
+        dsn=dsn, on_change=recorder.on_change, on_reload=recorder.on_reload, settings=settings
+    ) as listener:
+        await asyncio.wait_for(listener.wait_listening(), 5)
+        await heartbeat_round_trip(listener)
+        frozen = listener.backend_pid
+        assert frozen is not None
+        os.kill(frozen, signal.SIGSTOP)
+        try:
+            await eventually(lambda: listener.stats()["connects"] == 2, within=5.0)
+        finally:
+            os.kill(frozen, signal.SIGCONT)
+        assert listener.backend_pid != frozen
+        await heartbeat_round_trip(listener)
+        stats = listener.stats()
+    assert stats["disconnects"] == 1
+    assert stats["heartbeat_age"] is not None
+    assert recorder.reloads == 2

@@ -284,3 +284,24 @@ async def test_database_outage_serves_the_snapshot_and_recovers_without_restart(
             await conn.close()
         await eventually(lambda: m.lookup("0367") == frozenset(), within=1.0)
         assert await m.integrations_for("0999") == frozenset()
+
+
+async def test_matrix_opened_while_the_database_is_down_catches_up_when_it_returns(
+    private_postgres: EmbeddedPostgres,
+) -> None:
+    dsn = private_postgres.admin_dsn
+    await migrate(dsn)
+    conn = await asyncpg.connect(dsn)
+    await create_enterprise(conn, "0367", integrations={"retailcrm": True})
+    await conn.close()
+    private_postgres.stop()
+    async with matrix(dsn) as m:
+        assert m.stats()["preloaded"] is False
+        assert m.lookup("0367") is NOT_LOADED
+        with pytest.raises(LoadError):
+            await m.integrations_for("0367")
+        start_again(private_postgres)
+        assert m.listener is not None
+        await asyncio.wait_for(m.listener.wait_listening(), 10)
+        await eventually(lambda: m.lookup("0367") == frozenset({"retailcrm"}), within=5.0)
+        assert json.loads(json.dumps(m.stats()))["listener"]["state"] == "listening"
