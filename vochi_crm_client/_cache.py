@@ -403,7 +403,7 @@ class RefreshingCache(Generic[K, V]):
             entry = self._entries.get(key)
             if entry is not None:
                 retry_at = self._clock() + self.settings.retry_interval
-                self._replace(key, _with_retry(entry, retry_at))
+                self._store(key, _with_retry(entry, retry_at))
         error = _translate(exc, f"cache {self.name!r}: loading {what} failed")
         fut.set_exception(error)
 
@@ -524,9 +524,6 @@ class RefreshingCache(Generic[K, V]):
         entries = dict(self._entries)
         entries[key] = entry
         self._publish(entries)
-
-    def _replace(self, key: K, entry: _Entry[V]) -> None:
-        self._store(key, entry)
 
     def _publish(self, entries: dict[K, _Entry[V]]) -> None:
         """Swap in a new snapshot and the matching fresh view (never mutated afterwards)."""

@@ -244,7 +244,6 @@ async def test_heartbeats_prove_the_channel_and_other_listeners_ignore_them(
     assert all("enterprise_number" not in p and "heartbeat" in p for p in received)
 
 
-@pytest.mark.slow
 async def test_database_outage_serves_the_snapshot_and_recovers_without_restart(
     private_postgres: EmbeddedPostgres,
 ) -> None:
