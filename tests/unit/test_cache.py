@@ -375,3 +375,18 @@ async def test_keys_are_described_by_describe_key_in_logs_and_errors(
 def test_invalid_settings_are_rejected_when_built(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="CacheSettings"):
         CacheSettings(**kwargs)
+
+
+async def test_a_pre_bound_peek_always_reads_the_current_snapshot() -> None:
+    clock, source = FakeClock(), Source(a="A1")
+    async with make(source, clock) as cache:
+        peek = cache.peek
+        assert peek("a") is NOT_LOADED
+        assert cache.lookup("a").status is LookupStatus.MISS
+        await cache.reload_all()
+        assert peek("a") == "A1"
+        source.data["a"] = "A2"
+        await cache.reload_all()
+        assert peek("a") == "A2"
+        cache.invalidate_all()
+        assert peek("a") is NOT_LOADED
