@@ -21,7 +21,8 @@ Public names (re-exported by ``vochi_crm_client``)::
 The synchronous lookups return the value (a hit, possibly stale: stale reads schedule a
 background revalidation), None when the enterprise/token is known not to exist (negative, for
 ``negative_ttl``), or ``NOT_LOADED`` when nothing is known yet: then await the async variant,
-which loads it (one query however many callers wait). They never block and never raise.
+which loads it (one query however many callers wait). They never block and never raise, and
+may be pre-bound (``lookup = matrix.lookup``): they always read the current snapshot.
 
 "Enabled" is exactly the platform's rule: ``enterprises.active`` and
 ``integrations_config-><key>->>'enabled' = 'true'``, for every top-level key whose value is an
