@@ -252,7 +252,7 @@ class DeliveryService:
                     await self._sweep()
                 claimed = await self._claim()
                 failures = 0
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except Exception as exc:  # the worker outlives any failure; rows stay in the outbox
                 self.loop_errors += 1
                 failures += 1
                 logger.warning("delivery.loop_error error=%s", type(exc).__name__)
@@ -296,9 +296,12 @@ class DeliveryService:
             outcomes = await self._attempt(number, rows)
             await self.store.settle(outcomes)
             self._record(number, outcomes)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            # The leases lapse and the rows are claimed again: at-least-once, never lost.
-            logger.warning("delivery.settle_failed enterprise=%s error=%s", number, exc)
+        except Exception as exc:
+            # Whatever failed (database, a bug in one row's mapping), the leases lapse and
+            # the rows are claimed again: at-least-once, never lost.
+            logger.warning(
+                "delivery.attempt_failed enterprise=%s error=%s", number, type(exc).__name__
+            )
         finally:
             self._busy.discard(number)
             self._wakeup.set()

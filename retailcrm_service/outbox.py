@@ -33,6 +33,15 @@ from vochi_crm_client._backoff import BackoffPolicy, delay
 logger = logging.getLogger(__name__)
 
 TABLE = "retailcrm_outbox"
+
+# What a database outage looks like from asyncpg (a restart can surface any of these).
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (
+    TimeoutError,
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 FINAL_STATES = ("delivered", "expired", "superseded", "dead", "skipped")
 
 
@@ -76,6 +85,7 @@ class OutboxConfig:
     retry: BackoffPolicy = field(default_factory=lambda: BackoffPolicy(base=1.0, cap=300.0))
     commit_max_events: int = 5000
     commit_concurrency: int = 2
+    commit_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         if self.popup_ttl <= 0 or self.lease_seconds <= 0 or self.max_age <= 0:
@@ -236,13 +246,21 @@ class GroupCommitter:
                 for ev in item.events:
                     unique.setdefault((ev.enterprise_number, ev.idempotency_key), ev)
             try:
-                async with self._pool.acquire() as conn, conn.transaction():
-                    new = await insert_events(
-                        conn, list(unique.values()), popup_ttl=self._config.popup_ttl
-                    )
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                # A request must not hang on a database that stopped answering: past the
+                # deadline the caller gets an error and retries (duplicates are harmless).
+                async with asyncio.timeout(self._config.commit_timeout):
+                    async with self._pool.acquire() as conn, conn.transaction():
+                        new = await insert_events(
+                            conn, list(unique.values()), popup_ttl=self._config.popup_ttl
+                        )
+            except Exception as exc:  # DATABASE_ERRORS, or a bug: the waiters must hear either
                 self.failed_transactions += 1
-                logger.warning("outbox.commit_failed events=%d error=%s", len(unique), exc)
+                logger.log(
+                    logging.WARNING if isinstance(exc, DATABASE_ERRORS) else logging.ERROR,
+                    "outbox.commit_failed events=%d error=%s",
+                    len(unique),
+                    type(exc).__name__,
+                )
                 error = OutboxUnavailable("the database did not commit the events")
                 error.__cause__ = exc
                 for item in batch:

@@ -11,7 +11,6 @@ import secrets
 from collections.abc import Iterator
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 
@@ -20,6 +19,7 @@ from tests.support.pipeline import (
     expected_calls,
     fixture_events,
     prepare_sandbox,
+    run_async,
     wait_drained,
 )
 from tests.support.procs import ServiceProcess
@@ -47,14 +47,7 @@ def crm(api_key: str) -> Iterator[ServiceProcess]:
 
 @pytest.fixture
 def enterprise(database_url: str, crm: ServiceProcess, api_key: str) -> str:
-    async def setup() -> None:
-        conn = await asyncpg.connect(database_url)
-        try:
-            await add_enterprise(conn, crm.url, api_key)
-        finally:
-            await conn.close()
-
-    asyncio.run(setup())
+    run_async(add_enterprise, database_url, crm.url, api_key)
     return "0367"
 
 

@@ -112,6 +112,19 @@ async def add_enterprise(
     )
 
 
+def run_async(fn: Any, database_url: str, *args: Any, **kwargs: Any) -> Any:
+    """Run ``await fn(conn, *args)`` on a fresh connection to ``database_url`` (sync tests)."""
+
+    async def go() -> Any:
+        conn = await asyncpg.connect(database_url)
+        try:
+            return await fn(conn, *args, **kwargs)
+        finally:
+            await conn.close()
+
+    return asyncio.run(go())
+
+
 async def wait_drained(database_url: str, timeout: float = 30.0) -> dict[str, int]:
     """Until no outbox row is pending; returns the count of rows per state."""
     conn = await asyncpg.connect(database_url)
