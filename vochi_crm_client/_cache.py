@@ -48,7 +48,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Generic, Literal, TypeAlias, TypeVar, cast
+from typing import Any, Final, Generic, Literal, TypeAlias, TypeVar
 
 from ._backoff import SupportsRandom
 from ._exceptions import LoadError, LoadTimeout, StateError
@@ -68,8 +68,6 @@ logger = logging.getLogger(__name__)
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
-_K = TypeVar("_K")
-_V = TypeVar("_V")
 
 Clock: TypeAlias = Callable[[], float]
 Sleep: TypeAlias = Callable[[float], Awaitable[None]]
@@ -170,27 +168,29 @@ class _Entry(Generic[V]):
 class _HotPath(Generic[K, V]):
     """The fresh values and the hit counter, in closure cells.
 
-    A closure over the snapshot's bound ``get`` is used because reading a cell is cheaper than
-    attributes of ``self``: measured ~70 ns per hit this way, ~79 ns as a method, against
-    ~24-28 ns for a bare ``dict.get``. The Python call itself is most of the difference.
+    A closure is used because reading a cell is cheaper than attributes of ``self``, and a
+    subscript (specialised for dicts by the interpreter) is cheaper than calling ``get``; misses
+    pay for a KeyError instead, and they leave the hot path anyway. Measured per hit: ~73 ns
+    this way, ~79 ns with ``get``, ~88 ns as a method, against ~27 ns for a bare ``dict.get``.
+    The Python call itself is most of the difference.
     """
 
     def __init__(self, slow: Callable[[K], V | NotLoaded | None]) -> None:
-        empty: dict[K, V] = {}
-        fresh_get: Callable[[K], V | None] = _getter(empty)
+        fresh: dict[K, V] = {}
         hits = 0
 
         def peek(key: K) -> V | NotLoaded | None:
             nonlocal hits
-            value = fresh_get(key)
-            if value is not None:
-                hits += 1
-                return value
-            return slow(key)
+            try:
+                value = fresh[key]
+            except KeyError:
+                return slow(key)
+            hits += 1
+            return value
 
         def publish(new_fresh: dict[K, V]) -> None:
-            nonlocal fresh_get
-            fresh_get = _getter(new_fresh)
+            nonlocal fresh
+            fresh = new_fresh
 
         def hit_count() -> int:
             return hits
@@ -198,11 +198,6 @@ class _HotPath(Generic[K, V]):
         self.peek = peek
         self.publish = publish
         self.hits = hit_count
-
-
-def _getter(mapping: Mapping[_K, _V]) -> Callable[[_K], _V | None]:
-    """The mapping's bound ``get`` (typed as its one-argument overload)."""
-    return cast("Callable[[_K], _V | None]", mapping.get)
 
 
 class _Reload:
