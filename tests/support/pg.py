@@ -53,9 +53,17 @@ class EmbeddedPostgres:
 
         pg_ctl(["-w", "-m", mode, "stop"], pgdata=self.pgdata, user=self._server.system_user)
 
-    def start(self) -> None:
-        with self._server._lock:
-            self._server.ensure_postgres_running()
+    def start(self, attempts: int = 3) -> None:
+        """Start the stopped server; ``pg_ctl -w`` can time out on a loaded machine even though
+        the server comes up, so a timed-out start is checked and retried."""
+        for attempt in range(1, attempts + 1):
+            try:
+                with self._server._lock:
+                    self._server.ensure_postgres_running()
+                break
+            except (subprocess.TimeoutExpired, subprocess.CalledProcessError):
+                if attempt == attempts:
+                    raise
         assert self._server.get_uri() == self.admin_dsn, "socket moved after restart"
 
     def restart(self) -> None:
