@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 import asyncpg
 import httpx
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from retailcrm_service.mapping import (
     DEFAULT_TIMEZONE,
@@ -139,6 +140,25 @@ def _quantile(values: list[float], q: float) -> float:
     return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 1)
 
 
+class _PromMetrics:
+    """Labelled Prometheus series (per enterprise) in the app's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.outcomes = Counter(
+            "retailcrm_outbox_outcomes",
+            "Outcomes of delivery attempts and sweeps, per enterprise and row kind",
+            ["enterprise", "kind", "outcome"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "retailcrm_outbox_delivery_latency_seconds",
+            "From acceptance (commit) to delivery to RetailCRM",
+            ["enterprise", "kind"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
+            registry=registry,
+        )
+
+
 def default_owner() -> str:
     """A lease owner name unique to this process."""
     return f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}"
@@ -160,8 +180,10 @@ class DeliveryService:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         rng: random.Random | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.config = config or DeliveryConfig()
+        self._prom = _PromMetrics(registry) if registry is not None else None
         self._rng = rng or random.Random()
         self.store = OutboxStore(
             pool=pool, owner=owner or default_owner(), config=outbox, rng=self._rng
@@ -271,10 +293,12 @@ class DeliveryService:
 
     async def _sweep(self) -> None:
         swept = await self.store.sweep()
-        for number in swept["expired"]:
-            self._count(number).expired += 1
-        for number in swept["superseded"]:
-            self._count(number).superseded += 1
+        for outcome in ("expired", "superseded"):
+            for number in swept[outcome]:
+                counters = self._count(number)
+                setattr(counters, outcome, getattr(counters, outcome) + 1)
+                if self._prom is not None:
+                    self._prom.outcomes.labels(number, KIND_POPUP, outcome).inc()
         self._backlog = await self.store.backlog()
 
     async def _claim(self) -> bool:
@@ -338,9 +362,14 @@ class DeliveryService:
         counters = self._count(number)
         now = datetime.now(UTC)
         for outcome in outcomes:
+            if self._prom is not None:
+                self._prom.outcomes.labels(number, outcome.row.kind, outcome.result).inc()
             if outcome.result == "delivered":
+                latency = max(0.0, (now - outcome.row.created_at).total_seconds())
                 counters.delivered += 1
-                counters.latencies.append(max(0.0, (now - outcome.row.created_at).total_seconds()))
+                counters.latencies.append(latency)
+                if self._prom is not None:
+                    self._prom.latency.labels(number, outcome.row.kind).observe(latency)
             elif outcome.result in ("dead", "skipped"):
                 setattr(counters, outcome.result, getattr(counters, outcome.result) + 1)
             elif outcome.result == "deferred":

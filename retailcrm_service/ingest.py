@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import asyncpg
 import httpx
+from prometheus_client import CollectorRegistry
 
 from retailcrm_service.delivery import ConfigSource, DeliveryConfig, DeliveryService, LogSink
 from retailcrm_service.outbox import GroupCommitter, OutboxConfig, StoredEvent
@@ -129,6 +130,7 @@ class EventPipeline:
         delivery: DeliveryConfig | None = None,
         deliver: bool = True,
         owner: str | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.pool = pool
         self.outbox_config = outbox or OutboxConfig()
@@ -141,6 +143,7 @@ class EventPipeline:
                 config=delivery,
                 outbox=self.outbox_config,
                 owner=owner,
+                registry=registry,
             )
             if deliver
             else None
@@ -252,6 +255,7 @@ async def events_component(runtime: Any) -> AsyncIterator[EventPipeline]:
         http=runtime.http,
         outbox=outbox,
         delivery=delivery,
+        registry=runtime.metrics.registry,
     ) as events:
         runtime.metrics.add_source("outbox", events.stats)
         try:

@@ -86,6 +86,7 @@ class OutboxConfig:
     commit_max_events: int = 5000
     commit_concurrency: int = 2
     commit_timeout: float = 10.0
+    retention_days: float = 7.0
 
     def __post_init__(self) -> None:
         if self.popup_ttl <= 0 or self.lease_seconds <= 0 or self.max_age <= 0:
@@ -389,6 +390,15 @@ RETURNING enterprise_number
 """
 
 
+# Settled rows past the retention go, a bounded batch per sweep (the journal keeps the trace).
+_PURGE = """
+DELETE FROM retailcrm_outbox WHERE id IN (
+    SELECT id FROM retailcrm_outbox
+    WHERE state <> 'pending' AND finished_at < now() - make_interval(secs => $1)
+    LIMIT 5000)
+"""
+
+
 class OutboxStore:
     """SQL of the delivery side; every method is one short transaction."""
 
@@ -416,6 +426,7 @@ class OutboxStore:
         async with self._pool.acquire() as conn, conn.transaction():
             expired = await conn.fetch(_EXPIRE)
             superseded = await conn.fetch(_SUPERSEDE)
+            await conn.execute(_PURGE, self.config.retention_days * 86400.0)
         return {
             "expired": [r["enterprise_number"] for r in expired],
             "superseded": [r["enterprise_number"] for r in superseded],

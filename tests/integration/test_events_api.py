@@ -126,10 +126,12 @@ def test_every_fixture_call_reaches_the_sandbox_exactly(
     assert crm.api_key not in journal
     stats = httpx.get(service.url + "/stats", timeout=5).json()["outbox"]
     assert stats["enterprises"]["0367"]["calls_uploaded"] == 4
+    metrics = httpx.get(service.url + "/metrics", timeout=5).text
     assert (
-        "retailcrm_service_outbox_enterprises_0367_delivered"
-        in httpx.get(service.url + "/metrics", timeout=5).text
+        'retailcrm_outbox_outcomes_total{enterprise="0367",kind="history",outcome="delivered"} 4.0'
+        in metrics
     )
+    assert 'retailcrm_outbox_delivery_latency_seconds_count{enterprise="0367"' in metrics
 
 
 def test_duplicates_are_reported_and_bad_events_rejected_alone(
