@@ -1,13 +1,14 @@
-"""End to end in real processes: events -> retailcrm-service serve -> retailcrm-service sandbox.
+"""End to end in real processes: vochi-call-service -> retailcrm-service serve -> the sandbox.
 
-The reference call service (issue 3) is not in the tree yet, so the test posts exactly what it
-sends (``{"events": [...]}`` in small ordered batches) straight to the service.
+One test drives the host webhooks through the reference call service; the other posts the
+contract's ``{"events": [...]}`` batches straight to the service (as the call service does).
 """
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +19,7 @@ from tests.support.pipeline import (
     add_enterprise,
     expected_calls,
     fixture_events,
+    fixture_records,
     prepare_sandbox,
     run_async,
     wait_drained,
@@ -94,3 +96,45 @@ def test_fixture_calls_give_exactly_the_expected_sandbox_state(
     # (e) a normal run never trips RetailCRM's rate limit
     assert state["rateLimitRejections"]["count"] == 0
     assert stats["enterprises"][enterprise]["dead"] == 0
+
+
+@pytest.mark.slow
+def test_reference_call_service_to_service_to_sandbox(
+    database_url: str, crm: ServiceProcess, enterprise: str
+) -> None:
+    """The host webhooks of the fixture, through vochi-call-service, end as the same state."""
+    with ServiceProcess.service(database_url, env=FAST_ENV) as service:
+        targets = {"retailcrm": service.url + "/api/events"}
+        with (
+            ServiceProcess.call_service(database_url, targets=targets) as calls,
+            httpx.Client(timeout=10) as http,
+        ):
+            for record in fixture_records():
+                body = record["body"]
+                response = http.post(
+                    f"{calls.url}/{record['event']}", json=body, headers={"Token": body["Token"]}
+                )
+                assert response.status_code == 200, response.text
+            wait_for_rows(database_url, 12)
+            states = asyncio.run(wait_drained(database_url))
+    assert set(states) <= {"delivered", "skipped"}
+    account = sandbox_state(crm)["accounts"][ACCOUNT]
+    calls_by_id = {c["externalId"]: c for c in account["calls"]}
+    assert set(calls_by_id) == set(expected_calls())
+    for external_id, fields in expected_calls().items():
+        assert {k: calls_by_id[external_id].get(k) for k in fields} == fields, external_id
+    assert {p["userId"] for p in account["popups"]} == {19, 20, 21}
+    assert account["openPopups"] == {}
+    assert not [p for p in account["popups"] if p["callExternalId"] == "1764140000.77"]
+
+
+def wait_for_rows(database_url: str, n: int, timeout: float = 20.0) -> None:
+    """Until the call service's batches have reached the outbox (it emits asynchronously)."""
+
+    async def count(conn: Any) -> int:
+        return int(await conn.fetchval("SELECT count(*) FROM retailcrm_outbox"))
+
+    deadline = time.monotonic() + timeout
+    while run_async(count, database_url) < n:
+        assert time.monotonic() < deadline, "the call service did not forward the events"
+        time.sleep(0.1)
