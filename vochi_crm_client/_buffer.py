@@ -119,14 +119,14 @@ class TargetBuffer:
         queue = self._queues.get(ent)
         if queue is None:
             queue = self._queues[ent] = _EnterpriseQueue()
-        if not event.is_popup:
-            self._supersede(ent, event.call_unique_id, now)
         entry = Entry(event, now)
         if event.is_popup:
             self._calls.setdefault((ent, event.call_unique_id), []).append(entry)
             queue.popups.append(entry)
             entry.in_popups = True
             queue.live_popups += 1
+        elif self._calls:
+            self._supersede(ent, event.call_unique_id, now)
         queue.fifo.append(entry)
         queue.live += 1
         self._queued += 1
@@ -134,7 +134,8 @@ class TargetBuffer:
         if not queue.in_ring:
             queue.in_ring = True
             self._ring.append(ent)
-        self._expire_queue(queue, now)
+        if queue.popups:
+            self._expire_queue(queue, now)
         if len(queue.fifo) > 2 * queue.live + _COMPACT_SLACK:
             self._compact(queue)
         while self._queued + self._held > self.max_queue and self._evict_one():

@@ -306,7 +306,14 @@ class CrmClient:
         elif targets is NOT_LOADED:
             self._park(event)
         else:
-            self._route(event, targets, None)
+            routed = False
+            senders = self._senders
+            for name in targets:
+                sender = senders.get(name)
+                if sender is not None:
+                    sender.put(event)
+                    routed = True
+            counts["routed" if routed else "no_target"] += 1
 
     def _route(self, event: CallEvent, targets: frozenset[str], enqueued_at: float | None) -> None:
         routed = False

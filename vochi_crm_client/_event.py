@@ -106,6 +106,9 @@ class CallEvent:
     occurred_at: datetime | None = None
     origin: Origin | None = None
     idempotency_key: str = field(init=False)
+    # A live dial or bridge: worthless once stale, superseded by the call's hangup. A plain
+    # attribute, not a property: the dispatcher reads it on the hot path.
+    is_popup: bool = field(init=False, repr=False)
     wire: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -132,6 +135,7 @@ class CallEvent:
         exts = _extensions_of(payload) if self.event_type == "dial" else []
         key = idempotency_key(self.enterprise_number, uid, self.event_type, exts)
         object.__setattr__(self, "idempotency_key", key)
+        object.__setattr__(self, "is_popup", self.event_type in POPUP_TYPES)
         object.__setattr__(self, "wire", self._encode())
 
     def _checked_origin(self) -> Origin:
@@ -156,11 +160,6 @@ class CallEvent:
         if len(data) > MAX_EVENT_BYTES:
             raise ValueError(f"event is {len(data)} bytes, more than {MAX_EVENT_BYTES}")
         return data
-
-    @property
-    def is_popup(self) -> bool:
-        """A live dial or bridge: worthless once stale, superseded by the call's hangup."""
-        return self.event_type in POPUP_TYPES
 
     def to_json(self) -> dict[str, Any]:
         """The event as the service contract (ARCHITECTURE.md §4) spells it."""
