@@ -1,6 +1,7 @@
 """Vochi CRM client: the enablement matrix and event dispatch for the platform's call services."""
 
 from ._backoff import BackoffPolicy, SupportsRandom, ceiling, delay
+from ._breaker import BreakerState
 from ._cache import (
     CACHE_STATS_KEYS,
     NOT_LOADED,
@@ -11,6 +12,9 @@ from ._cache import (
     NotLoaded,
     RefreshingCache,
 )
+from ._client import ClientState, CrmClient
+from ._config import BreakerConfig, DispatchConfig
+from ._event import EVENT_TYPES, CallEvent, idempotency_key
 from ._exceptions import LoadError, LoadTimeout, StateError, VochiCrmError
 from ._listener import (
     LISTENER_STATS_KEYS,
@@ -24,13 +28,20 @@ from ._matrix import EnablementMatrix, MatrixState, mask_token
 
 __all__ = [
     "CACHE_STATS_KEYS",
+    "EVENT_TYPES",
     "LISTENER_STATS_KEYS",
     "NOT_LOADED",
     "BackoffPolicy",
+    "BreakerConfig",
+    "BreakerState",
     "CacheSettings",
     "CacheState",
+    "CallEvent",
     "Change",
     "ChangeListener",
+    "ClientState",
+    "CrmClient",
+    "DispatchConfig",
     "EnablementMatrix",
     "ListenerSettings",
     "ListenerState",
@@ -46,6 +57,7 @@ __all__ = [
     "VochiCrmError",
     "ceiling",
     "delay",
+    "idempotency_key",
     "mask_token",
     "parse_change",
 ]
