@@ -362,7 +362,8 @@ class CrmClient:
         if not self._pending:
             self._resolved.set()
         if not targets:
-            self._counts["unknown_enterprise"] += len(waiting)
+            known = self._lookup(number) is not None  # None: no such enterprise
+            self._counts["no_target" if known else "unknown_enterprise"] += len(waiting)
             return
         for event, enqueued_at in waiting:
             self._route(event, targets, enqueued_at)

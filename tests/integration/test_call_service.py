@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -174,3 +175,54 @@ def test_health_and_stats_describe_the_client(call_service: httpx.Client) -> Non
     assert set(stats["targets"]) == {"retailcrm"}
     assert stats["matrix"]["state"] == "open"
     assert "webhooks" in stats
+
+
+def test_an_enterprise_added_and_then_disabled_while_running_is_followed(
+    call_service: httpx.Client,
+    receiver: tuple[RecordingReceiver, ThreadedServer],
+    database_url: str,
+) -> None:
+    """A new token resolves on first use (a miss loads it); disabling by plain SQL stops routing."""
+
+    async def add() -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            await create_enterprise(
+                conn, "0500", name2="375291110005", integrations={"retailcrm": True}
+            )
+        finally:
+            await conn.close()
+
+    async def disable() -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute(
+                """UPDATE enterprises SET integrations_config = jsonb_set(
+                       integrations_config, '{retailcrm,enabled}', 'false')
+                   WHERE number = '0500'"""
+            )
+        finally:
+            await conn.close()
+
+    recorder = receiver[0]
+    asyncio.run(add())
+    hangup = dict(fixture_lines()[4]["body"], Token="375291110005")
+    assert call_service.post("/hangup", json=hangup).status_code == 200
+    assert recorder.wait_for(lambda r: len(r.events) == 1, timeout=10)
+    assert recorder.events[0]["enterprise_number"] == "0500"
+
+    def invalidations() -> int:
+        return int(call_service.get("/stats").json()["matrix"]["matrix"]["invalidations"])
+
+    before = invalidations()
+    asyncio.run(disable())
+    deadline = time.monotonic() + 5
+    while invalidations() == before and time.monotonic() < deadline:
+        time.sleep(0.05)  # the NOTIFY invalidates the snapshot within moments
+    assert invalidations() > before
+    time.sleep(0.2)  # the background revalidation of the entry
+    later = dict(hangup, UniqueId="1764150000.999")
+    assert call_service.post("/hangup", json=later).status_code == 200
+    time.sleep(0.5)
+    assert [e["call_unique_id"] for e in recorder.events] == ["1764150000.101"]
+    assert call_service.get("/stats").json()["no_target"] >= 1
