@@ -352,6 +352,11 @@ WITH candidates AS (
           WHERE p.enterprise_number = o.enterprise_number
             AND p.call_unique_id = o.call_unique_id
             AND p.id < o.id AND p.state = 'pending')
+      AND NOT (o.kind = 'popup' AND o.event_type = 'dial' AND EXISTS (
+          SELECT 1 FROM retailcrm_outbox h
+          WHERE h.enterprise_number = o.enterprise_number
+            AND h.call_unique_id = o.call_unique_id
+            AND h.id < o.id AND h.event_type = 'hangup'))
     ORDER BY o.due_at, o.id
     LIMIT $2
     FOR UPDATE OF o SKIP LOCKED
@@ -375,17 +380,20 @@ WHERE state = 'pending' AND kind = 'popup' AND expires_at < now()
 RETURNING enterprise_number
 """
 
-# A dial popup that already failed is pointless once the call's hangup is queued.
+# A dial popup is pointless once the call's hangup is queued, when it already failed (it would
+# open a card for a call that is over) or when it arrived after the hangup (senders may reorder
+# batches; the claim above never sends such a late dial).
 _SUPERSEDE = """
 UPDATE retailcrm_outbox o
 SET state = 'superseded', popup_state = 'superseded', finished_at = now(),
     lease_owner = NULL, lease_until = NULL
-WHERE o.state = 'pending' AND o.kind = 'popup' AND o.event_type = 'dial' AND o.attempts > 0
+WHERE o.state = 'pending' AND o.kind = 'popup' AND o.event_type = 'dial'
   AND (o.lease_until IS NULL OR o.lease_until < now())
   AND EXISTS (SELECT 1 FROM retailcrm_outbox h
               WHERE h.enterprise_number = o.enterprise_number
                 AND h.call_unique_id = o.call_unique_id
-                AND h.id > o.id AND h.event_type = 'hangup')
+                AND h.event_type = 'hangup'
+                AND (h.id < o.id OR o.attempts > 0))
 RETURNING enterprise_number
 """
 

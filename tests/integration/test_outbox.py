@@ -239,3 +239,16 @@ async def test_replay_makes_dead_events_of_an_enterprise_pending_again(
     assert len(await store.claim(5)) == 3
     backlog = await store.backlog()
     assert backlog["pending"] == 3
+
+
+async def test_dial_arriving_after_its_hangup_is_never_sent_and_is_superseded(
+    pool: asyncpg.Pool, db: asyncpg.Connection
+) -> None:
+    store = OutboxStore(pool=pool, owner="w")
+    async with GroupCommitter(pool=pool) as committer:
+        await committer.submit([event("hangup", "Z")])
+        await committer.submit([event("dial", "Z")])
+    (hangup,) = await store.claim(5)
+    await store.settle([Outcome(hangup, "delivered")])
+    assert [r.event_type for r in await store.claim(5)] == ["hangup"]  # its history stage
+    assert (await store.sweep())["superseded"] == ["0367"]
