@@ -100,6 +100,7 @@ class TargetBuffer:
         self._calls: dict[tuple[str, str], list[Entry]] = {}  # queued/held popups per call
         self._queued = 0
         self._held = 0
+        self._popups = 0  # queued popups, all enterprises
 
     @property
     def queued(self) -> int:
@@ -125,6 +126,7 @@ class TargetBuffer:
             queue.popups.append(entry)
             entry.in_popups = True
             queue.live_popups += 1
+            self._popups += 1
         elif self._calls:
             self._supersede(ent, event.call_unique_id, now)
         queue.fifo.append(entry)
@@ -138,7 +140,7 @@ class TargetBuffer:
             self._expire_queue(queue, now)
         if len(queue.fifo) > 2 * queue.live + _COMPACT_SLACK:
             self._compact(queue)
-        while self._queued + self._held > self.max_queue and self._evict_one():
+        while self._queued + self._held > self.max_queue and self._evict_one(queue):
             pass
 
     def take(self, now: float, max_events: int, max_bytes: int) -> list[Entry]:
@@ -194,6 +196,7 @@ class TargetBuffer:
             queue.fifo.appendleft(entry)
             if entry.event.is_popup:
                 queue.live_popups += 1
+                self._popups += 1
                 if not entry.in_popups:
                     entry.in_popups = True
                     queue.popups.appendleft(entry)
@@ -201,7 +204,7 @@ class TargetBuffer:
             if not queue.in_ring:
                 queue.in_ring = True
                 self._ring.appendleft(ent)
-        while self._queued + self._held > self.max_queue and self._evict_one():
+        while self._queued + self._held > self.max_queue and self._evict_one(None):
             pass
 
     def settle(self, entries: Iterable[Entry]) -> None:
@@ -238,7 +241,7 @@ class TargetBuffer:
         self._queues.clear()
         self._ring.clear()
         self._calls.clear()
-        self._queued = self._held = 0
+        self._queued = self._held = self._popups = 0
         return dropped
 
     def _stale(self, entry: Entry, now: float) -> bool:
@@ -268,6 +271,7 @@ class TargetBuffer:
         queue.live -= 1
         if entry.event.is_popup:
             queue.live_popups -= 1
+            self._popups -= 1
         self._queued -= 1
         self._held += 1
 
@@ -286,6 +290,7 @@ class TargetBuffer:
         queue.live -= 1
         if entry.event.is_popup:
             queue.live_popups -= 1
+            self._popups -= 1
         self._queued -= 1
         self._finish(entry, unindex=unindex)
         self.counters.dropped[reason] += 1
@@ -324,23 +329,29 @@ class TargetBuffer:
             entry.in_popups = True
         queue.popups = kept
 
-    def _evict_one(self) -> bool:
-        """Drop one queued event at the bound: a popup if any, else the biggest queue's oldest."""
+    def _evict_one(self, hint: _EnterpriseQueue | None) -> bool:
+        """Drop one queued event at the bound: a popup while any is queued, else history.
+
+        The victim is the enterprise that is putting (``hint``) when it holds a popup, or for
+        history at least its fair share of the buffer (a flood pays for itself in O(1));
+        otherwise the enterprise holding the most popups, or the most events.
+        """
         if not self._queued:
             return False
-        with_popups = [q for q in self._queues.values() if q.live_popups]
-        if with_popups:
-            queue = max(with_popups, key=lambda q: q.live_popups)
-            while queue.popups:
-                entry = queue.popups.popleft()
+        if self._popups:
+            if hint is None or not hint.live_popups:
+                hint = max(self._queues.values(), key=lambda q: q.live_popups)
+            while hint.popups:
+                entry = hint.popups.popleft()
                 entry.in_popups = False
                 if entry.state == _QUEUED:
-                    self._drop_queued(queue, entry, "overflow")
+                    self._drop_queued(hint, entry, "overflow")
                     return True
-        queue = max(self._queues.values(), key=lambda q: q.live)
-        while queue.fifo:
-            entry = queue.fifo.popleft()
+        if hint is None or hint.live * len(self._queues) < self._queued:
+            hint = max(self._queues.values(), key=lambda q: q.live)
+        while hint.fifo:
+            entry = hint.fifo.popleft()
             if entry.state == _QUEUED:
-                self._drop_queued(queue, entry, "overflow")
+                self._drop_queued(hint, entry, "overflow")
                 return True
         return False

@@ -51,6 +51,18 @@ def test_overflow_takes_history_from_the_biggest_enterprise() -> None:
     assert buf.queued_by_enterprise() == {"0001": 3, "0002": 1}
 
 
+def test_a_flood_at_the_bound_evicts_the_flooders_own_history() -> None:
+    buf = TargetBuffer(max_queue=100, popup_ttl=30)
+    for i in range(10):
+        buf.put(ev("hangup", f"b{i}", ent="0002"), 0)
+    for i in range(1000):
+        buf.put(ev("hangup", f"a{i}", ent="0001"), 0)
+    assert buf.queued_by_enterprise() == {"0001": 90, "0002": 10}
+    kept = {e.event.call_unique_id for e in buf.take(0, 200, 1 << 20)}
+    assert {f"a{i}" for i in range(910, 1000)} <= kept
+    assert buf.counters.dropped["overflow"] == 910
+
+
 def test_popups_expire_after_the_ttl_and_history_does_not() -> None:
     buf = TargetBuffer(max_queue=100, popup_ttl=30)
     buf.put(ev("dial", "1"), 0)
@@ -170,3 +182,4 @@ def test_every_event_is_accounted_for(ops: list[tuple[Any, ...]]) -> None:
         assert buf.counters.enqueued == settled + dropped + buf.queued + buf.held
         assert buf.queued + buf.held <= 8
         assert buf.queued == sum(buf.queued_by_enterprise().values())
+        assert buf._popups == sum(q.live_popups for q in buf._queues.values())
