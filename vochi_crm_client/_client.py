@@ -158,7 +158,7 @@ class CrmClient:
                 "unknown_enterprise",
                 "no_target",
                 "pending_overflow",
-                "after_close",
+                "not_open",
                 "resolve_errors",
             ),
             0,
@@ -290,15 +290,15 @@ class CrmClient:
         """Queue ``event`` for every CRM its enterprise has on. Sync, O(1), never blocks.
 
         It never raises because of the network, a CRM or the database; only a non-``CallEvent``
-        argument raises (``TypeError``). After the client has closed, events are counted and
-        dropped.
+        argument raises (``TypeError``). Before the client opens and once it starts closing,
+        events are counted (``not_open``) and dropped.
         """
         if type(event) is not CallEvent:
             raise TypeError(f"emit() takes a CallEvent, not {type(event).__name__}")
         counts = self._counts
         counts["emitted"] += 1
         if self._state is not ClientState.OPEN:
-            counts["after_close"] += 1
+            counts["not_open"] += 1
             return
         targets = self._lookup(event.enterprise_number)
         if targets is None:

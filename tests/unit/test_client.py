@@ -211,7 +211,7 @@ async def test_emit_after_close_is_counted_and_dropped() -> None:
     async with client(matrix, receivers, clock) as crm:
         pass
     crm.emit(hangup("1.1"))
-    assert crm.stats()["after_close"] == 1
+    assert crm.stats()["not_open"] == 1
 
 
 async def test_emit_rejects_anything_but_a_call_event() -> None:
