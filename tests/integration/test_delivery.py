@@ -1,0 +1,167 @@
+"""Delivery workers against the sandbox on a real PostgreSQL: dead letters, 503s, breakers,
+isolation between enterprises, and the journal."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from retailcrm_service.config import load_config
+from retailcrm_service.delivery import DeliveryConfig, DeliveryService
+from retailcrm_service.logs import IntegrationLogWriter, pg_sink
+from retailcrm_service.outbox import GroupCommitter, OutboxConfig, StoredEvent
+from retailcrm_service.sandbox import SandboxServer
+from tests.support.pipeline import add_enterprise, prepare_sandbox
+from vochi_crm_client._backoff import BackoffPolicy
+from vochi_crm_client._config import BreakerConfig
+from vochi_crm_client._event import idempotency_key
+
+
+class Configs:
+    """The service's own loader, read through on every call (no cache needed here)."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def get(self, number: str) -> Any:
+        return await load_config(self._pool, number, secret_key=None)
+
+
+def dial(uid: str, enterprise: str = "0367") -> StoredEvent:
+    payload = {"UniqueId": uid, "Phone": "+375291234567", "Extensions": ["150"], "CallType": 0}
+    return StoredEvent(
+        enterprise_number=enterprise,
+        event_type="dial",
+        call_unique_id=uid,
+        payload=payload,
+        origin="live",
+        idempotency_key=idempotency_key(enterprise, uid, "dial", ["150"]),
+    )
+
+
+@pytest.fixture
+def crm() -> Iterator[SandboxServer]:
+    with SandboxServer(rate_limit=True, demo_data=False) as server:
+        prepare_sandbox(server.url, server.api_key)
+        yield server
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    p = await asyncpg.create_pool(database_url, min_size=1, max_size=6)
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+def _service(pool: asyncpg.Pool, **kwargs: Any) -> DeliveryService:
+    config = DeliveryConfig(poll_interval=0.05, sweep_interval=0.2, **kwargs)
+    outbox = OutboxConfig(retry=BackoffPolicy(base=0.05, cap=0.2))
+    return DeliveryService(pool=pool, configs=Configs(pool), config=config, outbox=outbox)
+
+
+async def _until(predicate: Any, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
+async def _rows(db: asyncpg.Connection) -> list[dict[str, Any]]:
+    return [dict(r) for r in await db.fetch("SELECT * FROM retailcrm_outbox ORDER BY id")]
+
+
+async def test_refused_request_is_dead_lettered_with_its_error_and_journaled(
+    pool: asyncpg.Pool, db: asyncpg.Connection, crm: SandboxServer
+) -> None:
+    bare_key = secrets.token_hex(16)
+    crm.seed({"name": "bare", "api_key": bare_key})  # an account without a telephony module
+    await add_enterprise(db, crm.url, bare_key)
+    async with IntegrationLogWriter(sink=pg_sink(pool)) as logs:
+        service = _service(pool)
+        service._logs = logs
+        async with service, GroupCommitter(pool=pool, on_commit=service.wake) as committer:
+            await committer.submit([dial("1.1")])
+            await _until(lambda: _settled(db))
+        await logs.flush()
+    (row,) = await _rows(db)
+    assert row["state"] == "dead"
+    assert "Telephony not enabled" in row["last_error"]
+    journal = await db.fetch("SELECT * FROM integration_logs")
+    assert [(j["status"], j["call_unique_id"]) for j in journal] == [("error", "1.1")]
+    assert bare_key not in json.dumps([dict(j) for j in journal], default=str)
+
+
+async def _settled(db: asyncpg.Connection) -> bool:
+    return not await db.fetchval("SELECT count(*) FROM retailcrm_outbox WHERE state = 'pending'")
+
+
+async def test_rate_limit_answers_slow_the_key_and_the_events_still_arrive(
+    pool: asyncpg.Pool, db: asyncpg.Connection, crm: SandboxServer
+) -> None:
+    await add_enterprise(db, crm.url, crm.api_key)
+    crm.add_fault(endpoint="telephony/call/event", mode="error", status=503, times=2)
+    service = _service(pool)
+    async with service, GroupCommitter(pool=pool, on_commit=service.wake) as committer:
+        await committer.submit([dial(f"2.{i}") for i in range(3)])
+        await _until(lambda: _settled(db))
+        stats = service.stats()
+    assert [r["state"] for r in await _rows(db)] == ["delivered"] * 3
+    assert stats["enterprises"]["0367"]["rate_limited"] == 2
+    assert next(iter(service.pacer.stats().values()))["penalties"] == 2
+    assert len(crm.state()["accounts"]["test"]["events"]) == 3
+
+
+async def test_failing_account_opens_its_breaker_and_defers_without_spending_attempts(
+    pool: asyncpg.Pool, db: asyncpg.Connection, crm: SandboxServer
+) -> None:
+    await add_enterprise(db, crm.url, crm.api_key)
+    crm.add_fault(endpoint="telephony/*", mode="error", status=500)
+    breaker = BreakerConfig(consecutive_failures=2, open_base=30.0, open_max=60.0)
+    service = _service(pool, breaker=breaker)
+    async with service, GroupCommitter(pool=pool, on_commit=service.wake) as committer:
+        await committer.submit([dial(f"3.{i}") for i in range(5)])
+
+        async def opened() -> bool:
+            return service.stats()["breakers"].get("0367") == "open"
+
+        await _until(opened)
+        await asyncio.sleep(0.5)
+        attempts = [r["attempts"] for r in await _rows(db)]
+    # two real failures tripped it; everything else waits without using up its attempts
+    assert sum(attempts) == 2
+    assert all(r["state"] == "pending" for r in await _rows(db))
+
+
+async def test_a_stalled_account_does_not_hold_up_another_enterprise(
+    pool: asyncpg.Pool, db: asyncpg.Connection, crm: SandboxServer
+) -> None:
+    with SandboxServer(rate_limit=True, demo_data=False) as slow:
+        prepare_sandbox(slow.url, slow.api_key)
+        slow.add_fault(endpoint="telephony/*", mode="latency", latency_ms=2500)
+        await add_enterprise(db, slow.url, slow.api_key, number="0500")
+        await add_enterprise(db, crm.url, crm.api_key)
+        service = _service(pool, close_timeout=0.5)
+        async with service, GroupCommitter(pool=pool, on_commit=service.wake) as committer:
+            await committer.submit([dial(f"4.{i}", "0500") for i in range(3)])
+            await asyncio.sleep(0.2)  # the slow enterprise's first request is in flight
+            await committer.submit([dial(f"5.{i}") for i in range(3)])
+
+            async def fast_done() -> bool:
+                return len(crm.state()["accounts"]["test"]["events"]) == 3
+
+            await _until(fast_done)
+            # when the healthy enterprise is done, the stalled one has barely started
+            slow_pending = await db.fetchval(
+                "SELECT count(*) FROM retailcrm_outbox"
+                " WHERE enterprise_number = '0500' AND state = 'pending'"
+            )
+    assert slow_pending >= 2
