@@ -11,6 +11,7 @@ Public names: ``ConfigIn`` (pydantic; validate with ``context={"allow_http": boo
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
 from typing import Any
@@ -36,6 +37,33 @@ _PHONE = re.compile(r"^\+?[0-9]{5,20}$")
 _SITE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
+def check_storable(value: Any, depth: int = 0) -> None:
+    """ValueError unless PostgreSQL's jsonb can store ``value`` (free-form JSON from a request).
+
+    jsonb refuses NUL characters, lone surrogates and non-finite numbers: letting them through
+    would turn a bad request into a failed write (a 500) instead of a 422.
+    """
+    if depth > 16:
+        raise ValueError("nested too deeply (at most 16 levels)")
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError("text must not contain NUL characters")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("text must be valid Unicode (no lone surrogates)") from None
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("numbers must be finite (no NaN or Infinity)")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_storable(key, depth + 1)
+            check_storable(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            check_storable(item, depth + 1)
+
+
 class NotFound(Exception):
     """The enterprise does not exist."""
 
@@ -53,14 +81,14 @@ class ExternalPhone(BaseModel):
     @field_validator("site_code")
     @classmethod
     def _site(cls, value: str) -> str:
-        if not _SITE.match(value):
+        if not _SITE.fullmatch(value):
             raise ValueError("site code: letters, digits, _ . - (1-64)")
         return value
 
     @field_validator("external_phone")
     @classmethod
     def _phone(cls, value: str) -> str:
-        if not _PHONE.match(value):
+        if not _PHONE.fullmatch(value):
             raise ValueError("phone: digits with an optional leading +")
         return value
 
@@ -75,7 +103,7 @@ def validate_domain(value: str, *, allow_http: bool) -> str:
         raise ValueError("the domain is the account URL only, e.g. https://acme.retailcrm.ru")
     host = (parts.hostname or "").lower()
     if parts.scheme == "https":
-        if parts.port is not None or not _ACCOUNT_HOST.match(host):
+        if parts.port is not None or not _ACCOUNT_HOST.fullmatch(host):
             raise ValueError(
                 "must be a RetailCRM or Simla account URL, e.g. https://acme.retailcrm.ru"
             )
@@ -93,7 +121,7 @@ def normalize_api_key(value: str | None) -> str | None:
     """None for "keep the stored key" (absent, empty, or the masked value read back)."""
     if value is None or value == "" or value.startswith("***"):
         return None
-    if not _API_KEY.match(value):
+    if not _API_KEY.fullmatch(value):
         raise ValueError("an API key is 16-128 letters, digits, '-' or '_'")
     return value
 
@@ -128,9 +156,9 @@ class ConfigIn(BaseModel):
     def _extensions(cls, value: dict[str, str | None]) -> dict[str, str | None]:
         out: dict[str, str | None] = {}
         for user_id, ext in value.items():
-            if not _USER_ID.match(user_id):
+            if not _USER_ID.fullmatch(user_id):
                 raise ValueError(f"user id {user_id!r} must be digits (a RetailCRM user id)")
-            if ext not in (None, "") and not _EXTENSION.match(str(ext)):
+            if ext not in (None, "") and not _EXTENSION.fullmatch(str(ext)):
                 raise ValueError(f"extension of user {user_id} must be 2-5 digits or null")
             out[user_id] = ext or None
         taken = [e for e in out.values() if e]
@@ -141,10 +169,18 @@ class ConfigIn(BaseModel):
     @field_validator("timezone")
     @classmethod
     def _timezone(cls, value: str) -> str:
+        # OSError: a name too long for a file, or a directory of the zone database ("Europe").
         try:
             ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown timezone {value!r}") from None
+        except (ZoneInfoNotFoundError, ValueError, OSError):
+            raise ValueError(f"unknown timezone {value[:64]!r}") from None
+        return value
+
+    @field_validator("smart_redirect")
+    @classmethod
+    def _smart_redirect(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            check_storable(value)
         return value
 
 

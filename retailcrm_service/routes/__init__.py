@@ -4,7 +4,8 @@ Every error on our routes is ``{"error": {"code": "...", "message": "...", "fiel
 
 - ``raise ApiError(status, code, message, fields=None)`` from any route or dependency;
 - ``await read_json(request, max_bytes=...)``: the parsed JSON body; 400 ``invalid_json`` when
-  unparseable, 413 ``too_large`` when over the limit;
+  unparseable, 413 ``too_large`` when over the limit; ``read_form`` likewise for form bodies
+  (400 ``invalid_form``), ``read_body`` for the raw bytes;
 - ``validate(model, data, context=None)``: a pydantic model, or 422 ``validation_error`` with
   ``fields`` = ``{"<dotted.path>": "<message>"}``.
 
@@ -75,8 +76,8 @@ def _field_errors(exc: ValidationError | RequestValidationError) -> dict[str, st
     return fields
 
 
-async def read_json(request: Request, *, max_bytes: int = DEFAULT_MAX_BODY) -> Any:
-    """The request's JSON body (see module docstring for the errors)."""
+async def read_body(request: Request, *, max_bytes: int = DEFAULT_MAX_BODY) -> bytes:
+    """The raw body, read no further than ``max_bytes`` (413 ``too_large`` beyond it)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise ApiError(413, "too_large", f"body larger than {max_bytes} bytes")
@@ -87,10 +88,41 @@ async def read_json(request: Request, *, max_bytes: int = DEFAULT_MAX_BODY) -> A
         if size > max_bytes:
             raise ApiError(413, "too_large", f"body larger than {max_bytes} bytes")
         chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_form(
+    request: Request, *, max_bytes: int = DEFAULT_MAX_BODY, max_fields: int = 50
+) -> dict[str, str]:
+    """The text fields of a urlencoded or multipart body (files ignored); {} for other bodies.
+
+    The body is read under ``max_bytes`` first (413), so a chunked upload without a
+    Content-Length cannot make the form parser buffer without bound; unparseable: 400.
+    """
+    content_type = request.headers.get("content-type", "").lower()
+    if not content_type.startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
+        return {}
+    body = await read_body(request, max_bytes=max_bytes)
+
+    async def replay() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
     try:
-        return json.loads(b"".join(chunks))
+        form = await Request(request.scope, replay).form(max_files=0, max_fields=max_fields)
+    except Exception:  # python-multipart and starlette raise several unrelated types
+        raise ApiError(400, "invalid_form", "the form body cannot be parsed") from None
+    return {k: v for k, v in form.items() if isinstance(v, str)}
+
+
+async def read_json(request: Request, *, max_bytes: int = DEFAULT_MAX_BODY) -> Any:
+    """The request's JSON body (see module docstring for the errors)."""
+    body = await read_body(request, max_bytes=max_bytes)
+    try:
+        return json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+    except RecursionError:  # e.g. "[[[[...": nesting deeper than the parser's stack
+        raise ApiError(400, "invalid_json", "the body is nested too deeply") from None
 
 
 def validate(model: type[M], data: Any, *, context: dict[str, Any] | None = None) -> M:

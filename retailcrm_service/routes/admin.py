@@ -23,7 +23,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 
 from retailcrm_service import auth, config_store, module
 from retailcrm_service.app import Runtime, RuntimeDep
-from retailcrm_service.routes import ApiError
+from retailcrm_service.routes import ApiError, read_form
 from retailcrm_service.routes import config as config_routes
 
 logger = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ async def login_post(request: Request, runtime: RuntimeDep) -> Response:
     token = request.query_params.get("token", "")
     if token:
         return await _login_response(runtime, await _claims_from_link(runtime, token))
-    form = await request.form()
+    form = await read_form(request, max_bytes=16 * 1024)
     client_id = form.get("clientId")
     config = (
         await runtime.configs.find_by_client_id(client_id) if isinstance(client_id, str) else None

@@ -30,7 +30,8 @@ from retailcrm_service.asterisk import (
     validate_phone,
 )
 from retailcrm_service.auth import require_internal
-from retailcrm_service.routes import ApiError
+from retailcrm_service.routes import ApiError, read_form
+from retailcrm_service.routes.config import check_number
 from retailcrm_service.smart_redirect import USER_STATUSES, SmartRedirect, UserStatusBook
 
 logger = logging.getLogger(__name__)
@@ -103,16 +104,7 @@ async def _params(request: Request) -> dict[str, str]:
     """Query parameters, overlaid with a urlencoded or multipart form body on POST."""
     params = {k: v for k, v in request.query_params.items()}
     if request.method == "POST":
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > MAX_BODY:
-            raise ApiError(413, "too_large", f"body larger than {MAX_BODY} bytes")
-        content_type = request.headers.get("content-type", "")
-        if content_type.startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
-            try:
-                form = await request.form(max_files=0, max_fields=50)
-            except Exception:
-                raise ApiError(400, "invalid_form", "the form body cannot be parsed") from None
-            params.update({k: v for k, v in form.items() if isinstance(v, str)})
+        params.update(await read_form(request, max_bytes=MAX_BODY))
     return {k: v.strip() for k, v in params.items() if len(v) <= _MAX_VALUE}
 
 
@@ -257,8 +249,7 @@ async def user_status(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
 @router.get("/api/user-status/{enterprise_number}", dependencies=[Depends(require_internal)])
 async def list_user_status(enterprise_number: str, runtime: RuntimeDep) -> dict[str, Any]:
     """Internal: the last status RetailCRM reported for each user of the enterprise."""
-    if not enterprise_number.isalnum() or len(enterprise_number) > 32:
-        raise ApiError(422, "validation_error", "invalid enterprise number")
+    check_number(enterprise_number)  # str.isalnum() admits non-ASCII digits and letters
     return {
         "enterprise_number": enterprise_number,
         "statuses": await _statuses(runtime).all_for(enterprise_number),

@@ -30,7 +30,7 @@ _NUMBER = re.compile(r"^[0-9A-Za-z_-]{1,32}$")
 
 
 def check_number(enterprise_number: str) -> str:
-    if not _NUMBER.match(enterprise_number):
+    if not _NUMBER.fullmatch(enterprise_number):  # fullmatch: "$" also matches before a "\n"
         raise ApiError(
             422,
             "validation_error",
