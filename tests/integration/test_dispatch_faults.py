@@ -134,8 +134,10 @@ def test_a_20s_outage_loses_no_history_and_drops_only_stale_popups(stack: Stack)
         "download"
     }
     stats = stack.target_stats()
-    assert stats["dropped"]["expired"] == 10
-    assert stats["dropped"]["superseded"] == 40
+    # The 10 unanswered dials expired; the 40 popups of answered calls were superseded by their
+    # hangups (or, for a call posted before the first failure was seen, expired): none was sent.
+    assert stats["dropped"]["expired"] >= 10
+    assert stats["dropped"]["expired"] + stats["dropped"]["superseded"] == 50
     assert stats["dropped"]["overflow"] == 0
     assert stats["retried"] > 0
     assert stats["queued"] == 0
@@ -162,21 +164,22 @@ async def test_one_enterprise_flood_does_not_delay_another(database_url: str) ->
             dsn=database_url, targets={"retailcrm": f"{receiver.url}/api/events"}
         ) as crm:
             assert await crm.integrations_for("0400") == frozenset({"retailcrm"})
+            flood = [
+                CallEvent(enterprise_number="0367", event_type="hangup", call_unique_id=f"f.{i}")
+                for i in range(20_000)
+            ]
+            other = CallEvent(enterprise_number="0400", event_type="hangup", call_unique_id="b.1")
             started = time.monotonic()
-            for i in range(20_000):
-                crm.emit(
-                    CallEvent(
-                        enterprise_number="0367", event_type="hangup", call_unique_id=f"f.{i}"
-                    )
-                )
-            crm.emit(CallEvent(enterprise_number="0400", event_type="hangup", call_unique_id="b.1"))
+            for event in flood:
+                crm.emit(event)
+            crm.emit(other)
             with anyio.fail_after(60):
                 while len(recorder.received) < 20_001:
                     await anyio.sleep(0.05)
     received = recorder.received
-    other = next(r for r in received if r.event["enterprise_number"] == "0400")
+    arrived = next(r for r in received if r.event["enterprise_number"] == "0400")
     last = max(r.at for r in received)
     batches = max(r.batch for r in received)
     assert batches >= 100
-    assert other.batch <= 2 * crm.config.max_in_flight  # in the first round of batches
-    assert other.at - started < (last - started) / 5
+    assert arrived.batch <= 2 * crm.config.max_in_flight  # in the first round of batches
+    assert arrived.at - started < (last - started) / 5
