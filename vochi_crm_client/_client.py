@@ -74,6 +74,9 @@ class CrmClient:
     ``EnablementMatrix`` built with ``cache``, ``listener``, ``listen`` and ``preload``) or
     ``matrix`` (owned by the caller, already open) must be given. The dispatch tunables are
     those of ``DispatchConfig``; ``breaker`` tunes every target's circuit breaker.
+
+    Like any asyncio object it belongs to the event loop (and thread) that opened it: call
+    ``emit`` from there (a call service's request handlers do).
     """
 
     def __init__(
