@@ -262,6 +262,9 @@ class TargetSender:
                     self._give_back(live, outcome, attempt)
                     return
                 batch = live
+        except Exception:
+            self.buffer.requeue(batch)  # a bug here must not strand the batch as "in flight"
+            raise
         finally:
             if permit is not None:  # cancelled mid-POST, or nothing left to send
                 self._release(permit)

@@ -367,3 +367,25 @@ def test_parse_retry_after_accepts_seconds_and_http_dates() -> None:
     assert parse_retry_after("Wed, 26 Nov 2025 10:00:30 GMT", now=now) == 30.0
     assert parse_retry_after("garbage") is None
     assert parse_retry_after(None) is None
+
+
+async def test_an_unexpected_error_is_logged_and_the_batch_is_kept(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    errors = iter([RuntimeError("a bug in a transport")])
+
+    def handler(events: list[dict[str, Any]]) -> httpx.Response:
+        error = next(errors, None)
+        if error is not None:
+            raise error
+        return ok(events)
+
+    target = Target(handler)
+    async with sender_for(target, clock, linger=0) as sender:
+        sender.put(ev("hangup", "1.1"))
+        await settle()
+        assert sender.stats()["queued"] == 1
+        assert "dispatch.worker_error" in caplog.text
+        await clock.run_for(1.0, step=0.5)
+        assert sender.stats()["delivered"] == 1
