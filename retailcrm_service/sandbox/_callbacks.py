@@ -10,7 +10,7 @@ import httpx
 
 from retailcrm_service.sandbox._core import Sandbox
 from retailcrm_service.sandbox._errors import ControlError
-from retailcrm_service.sandbox._state import USER_STATUSES, Account, Module, mask
+from retailcrm_service.sandbox._state import USER_STATUSES, Account, Module, mask, mask_url
 
 logger = logging.getLogger(__name__)
 _RESPONSE_CAP = 4000
@@ -55,7 +55,7 @@ async def _send(
         "at": sandbox.timestamp(),
         "account": account.name,
         "method": method,
-        "url": url,
+        "url": mask_url(url),
         "params": {k: mask(v) if k == "clientId" else v for k, v in params.items()},
         "status": None,
         "response": None,

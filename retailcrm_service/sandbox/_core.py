@@ -75,7 +75,7 @@ def _decode(value: Any) -> Any:
     if isinstance(value, str) and value[:1] in ("{", "["):
         try:
             return json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):
             return value
     return value
 
@@ -88,6 +88,13 @@ def redact_form(params: dict[str, Any]) -> dict[str, Any]:
     if isinstance(form.get("clientId"), str):
         form["clientId"] = mask(form["clientId"])
     return form
+
+
+def _redact_reply(body: Any) -> Any:
+    """A reply for the log: a module read back (``integration-modules/{code}``) is redacted."""
+    if isinstance(body, dict) and isinstance(body.get("integrationModule"), dict):
+        return {**body, "integrationModule": redact_module(body["integrationModule"])}
+    return body
 
 
 def _masked_pairs(pairs: list[tuple[str, str]]) -> list[list[str]]:
@@ -213,7 +220,9 @@ class Sandbox:
             logger.exception("sandbox.handler_failed path=%s", request.path)
             response = Outgoing(500, {"success": False, "errorMsg": INTERNAL_ERROR})
         entry["status"] = response.status
-        entry["response"] = response.body if response.body is not None else response.html
+        entry["response"] = (
+            _redact_reply(response.body) if response.body is not None else response.html
+        )
         entry["durationMs"] = round((self.clock() - started) * 1000, 3)
         self.state.log_request(entry)
         return response

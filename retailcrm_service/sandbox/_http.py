@@ -85,7 +85,7 @@ async def _body(request: Request) -> dict[str, Any]:
         return {}
     try:
         body = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: "[[[[..." nested too deeply
         raise ControlError(400, "invalid_json", "the body is not JSON") from exc
     if not isinstance(body, dict):
         raise ControlError(400, "invalid_json", "the body must be a JSON object")

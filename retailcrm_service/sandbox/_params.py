@@ -78,7 +78,7 @@ def json_field(params: Params, name: str) -> Any:
     assert raw is not None
     try:
         return json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser
         raise entity_error({name: INVALID_JSON}) from exc
 
 

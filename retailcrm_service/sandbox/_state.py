@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -22,13 +23,24 @@ def mask(secret: str | None) -> str | None:
     return "***" + (secret[-4:] if len(secret) >= 12 else "")
 
 
+_URL_TOKEN = re.compile(r"([?&](?:token|apiKey)=)([^&#]*)", re.IGNORECASE)
+
+
+def mask_url(url: str) -> str:
+    """``url`` with ``token=`` / ``apiKey=`` query values masked (an ``accountUrl`` carries the
+    integration's admin login token)."""
+    return _URL_TOKEN.sub(lambda m: m.group(1) + (mask(m.group(2)) or ""), url)
+
+
 def redact_module(data: Any) -> Any:
-    """A module object for display: its ``clientId`` (a callback secret) masked."""
+    """A module object for display: its ``clientId`` and its ``accountUrl`` token masked."""
     if not isinstance(data, dict):
         return data
     shown = copy.deepcopy(data)
     if isinstance(shown.get("clientId"), str):
         shown["clientId"] = mask(shown["clientId"])
+    if isinstance(shown.get("accountUrl"), str):
+        shown["accountUrl"] = mask_url(shown["accountUrl"])
     return shown
 
 

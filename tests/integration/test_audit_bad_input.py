@@ -309,7 +309,11 @@ async def test_fuzzed_config_documents_never_500_and_never_write_partially(
     examples: list[dict[str, Any]] = []
 
     @settings(
-        max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), database=None
+        max_examples=80,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        database=None,
+        derandomize=True,
     )
     @given(documents)
     def collect(document: dict[str, Any]) -> None:
