@@ -235,8 +235,9 @@ class CrmClient:
             with anyio.CancelScope(shield=True):
                 await self._drain_within_deadline()
             self._tg.cancel_scope.cancel()
-            await self._tg.__aexit__(None, None, None)
+            # Counted before the workers unwind: nothing moves once their scope is cancelled.
             self._report_undelivered()
+            await self._tg.__aexit__(None, None, None)
         finally:
             self._state = ClientState.CLOSED
             with anyio.CancelScope(shield=True):
