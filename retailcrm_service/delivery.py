@@ -315,11 +315,13 @@ class DeliveryService:
         return bool(rows)
 
     async def _deliver_enterprise(self, number: str, rows: list[OutboxRow]) -> None:
-        outcomes: list[Outcome] = []
-        try:
-            outcomes = await self._attempt(number, rows)
+        async def settle(outcomes: list[Outcome]) -> None:
+            # Settled after every request, so a crash re-sends at most the one in flight.
             await self.store.settle(outcomes)
             self._record(number, outcomes)
+
+        try:
+            await self._attempt(number, rows, settle)
         except Exception as exc:
             # Whatever failed (database, a bug in one row's mapping), the leases lapse and
             # the rows are claimed again: at-least-once, never lost.
@@ -330,11 +332,17 @@ class DeliveryService:
             self._busy.discard(number)
             self._wakeup.set()
 
-    async def _attempt(self, number: str, rows: list[OutboxRow]) -> list[Outcome]:
+    async def _attempt(
+        self,
+        number: str,
+        rows: list[OutboxRow],
+        settle: Callable[[list[Outcome]], Awaitable[None]],
+    ) -> None:
         config = await self._configs.get(number)
         if config is None or not getattr(config, "is_on", False):
             reason = "unknown enterprise" if config is None else "retailcrm disabled"
-            return [Outcome(row, "skipped", reason) for row in rows]
+            await settle([Outcome(row, "skipped", reason) for row in rows])
+            return
         mapping = MappingConfig(
             timezone=_valid_timezone(getattr(config, "timezone", None)),
             user_extensions=dict(getattr(config, "user_extensions", {}) or {}),
@@ -348,15 +356,13 @@ class DeliveryService:
             timeout=self.config.request_timeout,
         )
         sender = _Sender(self, number, client, config.api_key, mapping)
-        outcomes: list[Outcome] = []
         for row in rows:
             if row.kind == KIND_POPUP:
-                outcomes.append(await sender.popup(row))
+                await settle([await sender.popup(row)])
         history = [row for row in rows if row.kind == KIND_HISTORY]
         if history:
             bridges = await self.store.bridges(number, [r.call_unique_id for r in history])
-            outcomes.extend(await sender.history(history, bridges))
-        return outcomes
+            await sender.history(history, bridges, settle)
 
     def _record(self, number: str, outcomes: Sequence[Outcome]) -> None:
         counters = self._count(number)
@@ -418,21 +424,25 @@ class _Sender:
             return Outcome(row, "delivered")
         return error[0]
 
-    async def history(self, rows: list[OutboxRow], bridges: dict[str, list]) -> list[Outcome]:
-        outcomes: list[Outcome] = []
+    async def history(
+        self,
+        rows: list[OutboxRow],
+        bridges: dict[str, list],
+        settle: Callable[[list[Outcome]], Awaitable[None]],
+    ) -> None:
+        skipped: list[Outcome] = []
         mapped: list[tuple[OutboxRow, dict[str, Any]]] = []
         for row in rows:
             call = history_call(row.payload, self._mapping, bridges.get(row.call_unique_id, []))
             if isinstance(call, Skip):
-                outcomes.append(Outcome(row, "skipped", call.reason))
+                skipped.append(Outcome(row, "skipped", call.reason))
             else:
                 mapped.append((row, call))
+        if skipped:
+            await settle(skipped)
         size = self._service.config.upload_batch
         for batch in upload_batches([{"row": r, "call": c} for r, c in mapped], size):
-            outcomes.extend(
-                await self._upload([b["row"] for b in batch], [b["call"] for b in batch])
-            )
-        return outcomes
+            await settle(await self._upload([b["row"] for b in batch], [b["call"] for b in batch]))
 
     async def _upload(self, rows: list[OutboxRow], calls: list[dict[str, Any]]) -> list[Outcome]:
         error = await self._call(CALLS_UPLOAD, rows, calls)

@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import random
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -169,7 +170,7 @@ class GroupCommitter:
         self._pool = pool
         self._config = config or OutboxConfig()
         self._on_commit = on_commit
-        self._queue: list[_Pending] = []
+        self._queue: deque[_Pending] = deque()
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(self._config.commit_concurrency)
         self._tasks: asyncio.TaskGroup | None = None
@@ -235,7 +236,7 @@ class GroupCommitter:
         batch: list[_Pending] = []
         size = 0
         while self._queue and (not batch or size < self._config.commit_max_events):
-            item = self._queue.pop(0)
+            item = self._queue.popleft()
             batch.append(item)
             size += len(item.events)
         return batch
@@ -556,6 +557,7 @@ async def replay(
     idempotency_key: str | None = None,
     since: datetime | None = None,
     states: Sequence[str] = ("dead", "expired", "superseded"),
+    popup_ttl: float = OutboxConfig().popup_ttl,
 ) -> int:
     """Make events pending again (one, or the failed ones of an enterprise since a time).
 
@@ -576,13 +578,15 @@ async def replay(
         if since is not None:
             args.append(since)
             conditions.append(f"created_at >= ${len(args)}")
+    args.append(popup_ttl)
+    ttl = f"${len(args)}"
     result = await pool.execute(
         f"""UPDATE retailcrm_outbox
             SET state = 'pending', attempts = 0, due_at = now(), finished_at = NULL,
                 lease_owner = NULL, lease_until = NULL,
                 kind = CASE WHEN has_history THEN 'history' ELSE kind END,
                 expires_at = CASE WHEN kind = 'popup' AND NOT has_history
-                                  THEN now() + interval '30 seconds' ELSE expires_at END
+                                  THEN now() + make_interval(secs => {ttl}) ELSE expires_at END
             WHERE {" AND ".join(conditions)}""",  # noqa: S608 (fixed condition strings)
         *args,
     )

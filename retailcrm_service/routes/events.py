@@ -79,7 +79,7 @@ async def replay_events(request: Request) -> dict[str, Any]:
         raise ApiError(422, "validation_error", "the body must be a JSON object")
     fields = _replay_fields(body)
     runtime = pipeline(request)
-    count = await replay(runtime.pool, **fields)
+    count = await replay(runtime.pool, popup_ttl=runtime.outbox_config.popup_ttl, **fields)
     if runtime.delivery is not None:
         runtime.delivery.wake()
     return {"replayed": count}
