@@ -355,11 +355,16 @@ class DeliveryService:
             http=self._http,
             timeout=self.config.request_timeout,
         )
-        sender = _Sender(self, number, client, config.api_key, mapping)
-        for row in rows:
-            if row.kind == KIND_POPUP:
-                await settle([await sender.popup(row)])
+        # Stop well inside the lease: past it another worker may take the same rows.
+        deadline = self._clock() + self.store.config.lease_seconds / 2
+        sender = _Sender(self, number, client, config.api_key, mapping, deadline)
+        popups = [row for row in rows if row.kind == KIND_POPUP]
         history = [row for row in rows if row.kind == KIND_HISTORY]
+        for index, row in enumerate(popups):
+            if sender.out_of_time():
+                await settle(_released(popups[index:] + history))
+                return
+            await settle([await sender.popup(row)])
         if history:
             bridges = await self.store.bridges(number, [r.call_unique_id for r in history])
             await sender.history(history, bridges, settle)
@@ -394,6 +399,11 @@ class DeliveryService:
         return breaker
 
 
+def _released(rows: Sequence[OutboxRow]) -> list[Outcome]:
+    """Hand rows back untried (no attempt spent), due now."""
+    return [Outcome(row, "deferred", "lease budget spent", retry_after=0.0) for row in rows]
+
+
 class _Sender:
     """Sends one enterprise's claimed rows through its breaker and its key's pacer."""
 
@@ -404,12 +414,17 @@ class _Sender:
         client: RetailCrmClient,
         api_key: Any,
         mapping: MappingConfig,
+        deadline: float = float("inf"),
     ) -> None:
         self._service = service
+        self._deadline = deadline
         self._number = number
         self._client = client
         self._key = api_key.get_secret_value()
         self._mapping = mapping
+
+    def out_of_time(self) -> bool:
+        return self._service._clock() >= self._deadline
 
     async def popup(self, row: OutboxRow) -> Outcome:
         if row.expires_at is not None and row.expires_at < datetime.now(UTC):
@@ -441,7 +456,11 @@ class _Sender:
         if skipped:
             await settle(skipped)
         size = self._service.config.upload_batch
-        for batch in upload_batches([{"row": r, "call": c} for r, c in mapped], size):
+        batches = upload_batches([{"row": r, "call": c} for r, c in mapped], size)
+        for index, batch in enumerate(batches):
+            if self.out_of_time():
+                await settle(_released([b["row"] for rest in batches[index:] for b in rest]))
+                return
             await settle(await self._upload([b["row"] for b in batch], [b["call"] for b in batch]))
 
     async def _upload(self, rows: list[OutboxRow], calls: list[dict[str, Any]]) -> list[Outcome]:

@@ -165,3 +165,26 @@ async def test_a_stalled_account_does_not_hold_up_another_enterprise(
                 " WHERE enterprise_number = '0500' AND state = 'pending'"
             )
     assert slow_pending >= 2
+
+
+async def test_work_is_handed_back_inside_the_lease_so_nothing_is_sent_twice(
+    pool: asyncpg.Pool, db: asyncpg.Connection, crm: SandboxServer
+) -> None:
+    await add_enterprise(db, crm.url, crm.api_key)
+    crm.add_fault(endpoint="telephony/call/event", mode="latency", latency_ms=300)
+    config = DeliveryConfig(poll_interval=0.05, sweep_interval=0.2)
+    outbox = OutboxConfig(lease_seconds=1.0, retry=BackoffPolicy(base=0.05, cap=0.2))
+    one, two = (
+        DeliveryService(pool=pool, configs=Configs(pool), config=config, outbox=outbox)
+        for _ in range(2)
+    )
+    # two workers: had the first overrun its lease, the second would re-send the same rows
+    async with one, two, GroupCommitter(pool=pool, on_commit=one.wake) as committer:
+        await committer.submit([dial(f"6.{i}") for i in range(6)])
+        await _until(lambda: _settled(db))
+    rows = await _rows(db)
+    assert [r["state"] for r in rows] == ["delivered"] * 6
+    # rows handed back unsent kept their attempt; every popup reached RetailCRM exactly once
+    assert all(r["attempts"] == 1 for r in rows)
+    sent = [e["event"]["callExternalId"] for e in crm.state()["accounts"]["test"]["events"]]
+    assert sorted(sent) == sorted(f"6.{i}" for i in range(6))
