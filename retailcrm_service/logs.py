@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -69,18 +70,32 @@ def _mask(value: Any, needles: tuple[str, ...], *, under_secret_key: bool) -> An
         return value.masked
     if isinstance(value, dict):
         return {
-            str(k): _mask(v, needles, under_secret_key=bool(_SECRET_KEY.search(str(k))))
+            _storable(str(k)): _mask(v, needles, under_secret_key=bool(_SECRET_KEY.search(str(k))))
             for k, v in value.items()
         }
     if isinstance(value, (list, tuple)):
         return [_mask(v, needles, under_secret_key=under_secret_key) for v in value]
     if isinstance(value, str):
         if under_secret_key:
-            return mask(value)
-        return _scrub(value, needles)
+            return _storable(mask(value))
+        return _storable(_scrub(value, needles))
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # json.dumps would write NaN/Infinity, which jsonb refuses
     if under_secret_key and value is not None and not isinstance(value, bool):
         return "***"
     return value
+
+
+def _storable(text: str) -> str:
+    """``text`` without what PostgreSQL refuses (NUL, lone surrogates): one hostile string must
+    not fail the insert of a whole batch of other enterprises' rows."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text
 
 
 def _scrub(text: str, needles: tuple[str, ...]) -> str:
@@ -203,7 +218,7 @@ class IntegrationLogWriter:
             status="success" if status == "success" else "error",
             error_message=None
             if error_message is None
-            else _scrub(error_message, tuple(n for n in needles if n))[:2000],
+            else _storable(_scrub(error_message, tuple(n for n in needles if n))[:2000]),
             call_unique_id=call_unique_id,
         )
         if self._stopping.is_set():
