@@ -212,7 +212,7 @@ def configs_from_env(
     """Pipeline tunables from ``RETAILCRM_OUTBOX_*`` / ``RETAILCRM_DELIVERY_*`` (tests, ops).
 
     ``RETAILCRM_OUTBOX_POPUP_TTL`` (30 s), ``RETAILCRM_OUTBOX_LEASE_SECONDS`` (60 s),
-    ``RETAILCRM_OUTBOX_MAX_ATTEMPTS`` (50), ``RETAILCRM_OUTBOX_RETRY_CAP`` (300 s),
+    ``RETAILCRM_OUTBOX_MAX_ATTEMPTS`` (200), ``RETAILCRM_OUTBOX_RETRY_CAP`` (300 s),
     ``RETAILCRM_DELIVERY_POLL_INTERVAL`` (0.5 s), ``RETAILCRM_DELIVERY_BREAKER_OPEN_MAX`` (60 s),
     ``RETAILCRM_PACING_GENERAL_RPS`` (8), ``RETAILCRM_PACING_TELEPHONY_RPS`` (32).
     """
@@ -229,7 +229,7 @@ def configs_from_env(
     outbox = OutboxConfig(
         popup_ttl=number("RETAILCRM_OUTBOX_POPUP_TTL", 30.0),
         lease_seconds=number("RETAILCRM_OUTBOX_LEASE_SECONDS", 60.0),
-        max_attempts=int(number("RETAILCRM_OUTBOX_MAX_ATTEMPTS", 50)),
+        max_attempts=int(number("RETAILCRM_OUTBOX_MAX_ATTEMPTS", 200)),
         retry=BackoffPolicy(base=min(1.0, retry_cap), cap=retry_cap),
     )
     open_max = number("RETAILCRM_DELIVERY_BREAKER_OPEN_MAX", 60.0)

@@ -81,8 +81,10 @@ class OutboxConfig:
 
     popup_ttl: float = 30.0
     lease_seconds: float = 60.0
-    max_attempts: int = 50
-    max_age: float = 7 * 24 * 3600.0
+    # History must outlive long outages (breaker deferrals spend no attempts); past these it is
+    # dead-lettered, and POST /api/events/replay brings it back.
+    max_attempts: int = 200
+    max_age: float = 3 * 24 * 3600.0
     retry: BackoffPolicy = field(default_factory=lambda: BackoffPolicy(base=1.0, cap=300.0))
     commit_max_events: int = 5000
     commit_concurrency: int = 2
@@ -533,20 +535,6 @@ class OutboxStore:
             "oldest_due_at": row["oldest_due"].isoformat() if row["oldest_due"] else None,
             "oldest_due_age_seconds": round(float(row["oldest_due_age"] or 0.0), 3),
         }
-
-    async def counts(self) -> dict[str, dict[str, int]]:
-        """Rows per enterprise and state (popup outcomes of hangups counted as popups)."""
-        rows = await self._pool.fetch(
-            """SELECT enterprise_number, state, count(*) AS n FROM retailcrm_outbox
-                WHERE kind <> 'note' GROUP BY 1, 2
-                UNION ALL
-                SELECT enterprise_number, 'popup_' || popup_state, count(*) FROM retailcrm_outbox
-                WHERE popup_state IS NOT NULL GROUP BY 1, 2"""
-        )
-        out: dict[str, dict[str, int]] = {}
-        for r in rows:
-            out.setdefault(r["enterprise_number"], {})[r["state"]] = r["n"]
-        return out
 
 
 async def replay(
