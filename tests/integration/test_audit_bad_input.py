@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from retailcrm_service.smart_redirect import smart_redirect_component
 from tests.support.pg import create_enterprise
 from tests.support.service import RunningService, running_service, service_settings
 
@@ -332,4 +333,83 @@ async def test_fuzzed_config_documents_never_500_and_never_write_partially(
             failures.append(f"{response.status_code}: {document!r:.200}")
         elif await _configs(db) != before:
             failures.append(f"partial write on {response.status_code}: {document!r:.200}")
+    assert failures == []
+
+
+async def test_unknown_routes_and_wrong_methods_answer_in_the_envelope(
+    http: httpx.AsyncClient,
+) -> None:
+    missing = await http.get("/api/nothing-here")
+    wrong = await http.patch("/api/config/0367", json=GOOD)
+    assert _assert_envelope(missing, 404)["code"] == "not_found"
+    assert _assert_envelope(wrong, 405)["code"] == "method_not_allowed"
+
+
+_phone = st.one_of(
+    st.text(max_size=40),
+    st.sampled_from(["\x00", "\u202e+375291234567", "' OR 1=1 --", "😀" * 10, "9" * 10_000]),
+    st.integers(),
+    st.none(),
+    st.lists(st.text(max_size=5), max_size=2),
+)
+_dialplan_bodies = st.fixed_dictionaries(
+    {},
+    optional={
+        "Token": st.sampled_from(["token-0367", "0367", "\x00", "x" * 200]) | _phone,
+        "Phone": _phone,
+        "TrunkId": _phone,
+        "UniqueId": _phone,
+    },
+)
+_redirect_bodies = st.fixed_dictionaries(
+    {},
+    optional={
+        "enterprise_number": st.sampled_from(["0367", "0400", "0367\n"]) | _phone,
+        "phone": _phone,
+        "call_unique_id": _phone,
+        "channel": st.sampled_from(["SIP/150-00000001", "SIP/x;reboot"]) | _phone,
+        "trunk": _phone,
+    },
+)
+
+
+async def test_fuzzed_dialplan_and_smart_redirect_bodies_never_500(
+    db: asyncpg.Connection, database_url: str
+) -> None:
+    """The dialplan route always answers in its own format; smart-redirect 200 or a 4xx."""
+    await create_enterprise(db, "0367", name2="token-0367")
+    pairs: list[tuple[dict[str, Any], dict[str, Any]]] = []
+
+    @settings(
+        max_examples=60,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(_dialplan_bodies, _redirect_bodies)
+    def collect(dialplan: dict[str, Any], redirect: dict[str, Any]) -> None:
+        pairs.append((dialplan, redirect))
+
+    collect()
+    components = [("smart_redirect", smart_redirect_component)]
+    failures: list[str] = []
+    async with (
+        running_service(service_settings(database_url), components=components) as svc,
+        httpx.AsyncClient(base_url=svc.url, timeout=10) as client,
+    ):
+        assert (await client.put("/api/config/0367", json=GOOD)).status_code == 200
+        for dialplan, redirect in pairs:
+            got = await client.post(
+                "/api/callevent/getcustomerdata", content=_encode(dialplan), headers=JSON
+            )
+            if got.status_code >= 500:
+                failures.append(f"dialplan {got.status_code}: {dialplan!r:.200}")
+            if not got.text.startswith('{"Name":'):
+                failures.append(f"dialplan format: {got.text[:80]!r} for {dialplan!r:.200}")
+            sent = await client.post("/api/smart-redirect", content=_encode(redirect), headers=JSON)
+            if sent.status_code >= 500:
+                failures.append(f"redirect {sent.status_code}: {redirect!r:.200}")
+        await svc.runtime.logs.flush()
+        assert svc.runtime.logs.stats()["lost"] == 0
     assert failures == []
