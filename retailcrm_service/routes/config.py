@@ -219,6 +219,15 @@ async def check_config_access(
     config = await fresh_config(runtime, enterprise_number)
     domain = body.domain or config.domain
     key = Secret(body.api_key) if body.api_key else config.api_key
+    if body.domain and body.domain != config.domain and not body.api_key:
+        # The saved key goes only to the saved account: else any admin session could send it
+        # (never shown in full) to an account or local port of their choosing.
+        raise ApiError(
+            422,
+            "validation_error",
+            "give the API key to test a domain other than the saved one",
+            fields={"api_key": "required with a domain other than the saved one"},
+        )
     if not domain or key is None:
         raise ApiError(
             422,

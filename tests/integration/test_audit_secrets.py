@@ -148,3 +148,36 @@ async def test_the_account_url_login_token_is_masked_in_journal_and_logs(
     for text in (rows, sandbox_view, *(r.text for r in seen)):
         assert token not in text
     assert all(token not in r.getMessage() for r in caplog.records)
+
+
+async def test_the_saved_key_is_never_sent_to_a_domain_the_tester_chooses(
+    database_url: str, db: asyncpg.Connection
+) -> None:
+    """Testing another domain needs the key in the body: the saved key (never shown in full)
+    must not be sent to an account or local port an admin session picks."""
+    await create_enterprise(db, "0367")
+    async with (
+        AsyncSandboxServer(rate_limit=False, demo_data=False) as saved,
+        AsyncSandboxServer(rate_limit=False, demo_data=False) as chosen,
+    ):
+        settings = service_settings(database_url)
+        async with (
+            running_service(settings) as svc,
+            httpx.AsyncClient(base_url=svc.url, timeout=10) as http,
+        ):
+            body = {"domain": saved.url, "api_key": saved.api_key}
+            assert (await http.put("/api/config/0367", json=body)).status_code == 200
+            elsewhere = await http.post("/api/config/0367/test", json={"domain": chosen.url})
+            same = await http.post("/api/config/0367/test", json={"domain": saved.url})
+            with_key = await http.post(
+                "/api/config/0367/test", json={"domain": chosen.url, "api_key": chosen.api_key}
+            )
+        reached_chosen = chosen.state()["requests"]
+    assert elsewhere.status_code == 422
+    assert "api_key" in elsewhere.json()["error"]["fields"]
+    assert same.status_code == 200
+    assert same.json()["ok"] is True
+    assert with_key.status_code == 200
+    assert with_key.json()["ok"] is True
+    # Only the request that carried its own key reached the chosen account.
+    assert [r["auth"]["key"] for r in reached_chosen] == ["***" + chosen.api_key[-4:]]
