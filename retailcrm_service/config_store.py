@@ -69,7 +69,7 @@ class NotFound(Exception):
 
 
 class ApiKeyRequired(Exception):
-    """A first save must carry an API key."""
+    """A first save, and a save that changes the domain, must carry an API key."""
 
 
 class ExternalPhone(BaseModel):
@@ -207,15 +207,18 @@ async def save_config(
             body.api_key, enterprise_number=number, secret_key=secret_key
         )
     async with conn.transaction():
-        # Locks the row and reads only our key, to tell a first save (which needs a key) apart.
+        # Locks the row and reads only our key and domain: a first save needs a key, and so does
+        # a new domain (the saved key must never follow a domain someone else picked).
         row = await conn.fetchrow(
-            """SELECT integrations_config -> 'retailcrm' ->> 'api_key' AS api_key
+            """SELECT integrations_config -> 'retailcrm' ->> 'api_key' AS api_key,
+                      integrations_config -> 'retailcrm' ->> 'domain' AS domain
                FROM enterprises WHERE number = $1 FOR UPDATE""",
             number,
         )
         if row is None:
             raise NotFound(number)
-        if body.api_key is None and not row["api_key"]:
+        same_domain = (row["domain"] or "").rstrip("/").lower() == body.domain
+        if body.api_key is None and not (row["api_key"] and same_domain):
             raise ApiKeyRequired(number)
         await conn.execute(
             """UPDATE enterprises SET integrations_config = jsonb_set(

@@ -116,8 +116,8 @@ async def put_config(
         raise ApiError(
             422,
             "validation_error",
-            "an API key is required on the first save",
-            fields={"api_key": "required on the first save"},
+            "an API key is required on the first save and when the domain changes",
+            fields={"api_key": "required on the first save and with a new domain"},
         ) from None
     logger.info("config.saved enterprise=%s enabled=%s", enterprise_number, body.enabled)
     await _refresh_cache(runtime, enterprise_number)

@@ -181,3 +181,38 @@ async def test_the_saved_key_is_never_sent_to_a_domain_the_tester_chooses(
     assert with_key.json()["ok"] is True
     # Only the request that carried its own key reached the chosen account.
     assert [r["auth"]["key"] for r in reached_chosen] == ["***" + chosen.api_key[-4:]]
+
+
+async def test_a_new_domain_cannot_be_saved_without_giving_the_key_again(
+    database_url: str, db: asyncpg.Connection
+) -> None:
+    """Else a save of domain=<chosen> keeping the stored key, then a test, sends the key there."""
+    await create_enterprise(db, "0367")
+    async with (
+        AsyncSandboxServer(rate_limit=False, demo_data=False) as saved,
+        AsyncSandboxServer(rate_limit=False, demo_data=False) as chosen,
+    ):
+        async with (
+            running_service(service_settings(database_url)) as svc,
+            httpx.AsyncClient(base_url=svc.url, timeout=10) as http,
+        ):
+            body = {"domain": saved.url, "api_key": saved.api_key}
+            assert (await http.put("/api/config/0367", json=body)).status_code == 200
+            before = await db.fetchval("SELECT integrations_config::text FROM enterprises")
+            moved = await http.put("/api/config/0367", json={"domain": chosen.url})
+            masked = await http.put(
+                "/api/config/0367", json={"domain": chosen.url, "api_key": "***" + KEY[-4:]}
+            )
+            after = await db.fetchval("SELECT integrations_config::text FROM enterprises")
+            tested = await http.post("/api/config/0367/test")
+            kept = await http.put(
+                "/api/config/0367", json={"domain": saved.url + "/", "enabled": False}
+            )
+        reached_chosen = chosen.state()["requests"]
+    for refused in (moved, masked):
+        assert refused.status_code == 422
+        assert "api_key" in refused.json()["error"]["fields"]
+    assert after == before
+    assert tested.json()["ok"] is True
+    assert kept.status_code == 200  # the same domain (trailing slash) keeps the stored key
+    assert reached_chosen == []
