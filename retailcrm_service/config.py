@@ -177,6 +177,8 @@ class ConfigCache:
         # Side index of what the loaders returned: clientId digest -> number, and the numbers
         # seen. Only a hint: every hit is re-checked against the cache's current value.
         self._by_client: dict[bytes, str] = {}
+        # clientIds found on several enterprises (a config copied by hand): they identify no one.
+        self._shared_clients: set[bytes] = set()
         self._known: set[str] = set()
         self.cache: RefreshingCache[str, RetailCrmConfig] = RefreshingCache(
             load_one=self._load_one,
@@ -200,7 +202,14 @@ class ConfigCache:
     def _note(self, config: RetailCrmConfig) -> None:
         self._known.add(config.enterprise_number)
         if config.client_id is not None:
-            self._by_client[_digest(config.client_id.get_secret_value())] = config.enterprise_number
+            digest = _digest(config.client_id.get_secret_value())
+            owner = self._by_client.get(digest)
+            if owner is not None and owner != config.enterprise_number:
+                self._shared_clients.add(digest)
+                logger.warning(
+                    "config.client_id_shared enterprises=%s,%s", owner, config.enterprise_number
+                )
+            self._by_client[digest] = config.enterprise_number
 
     async def _load_one(self, number: str) -> RetailCrmConfig | None:
         config = await load_config(self._pool, number, secret_key=self._secret_key)
@@ -213,6 +222,7 @@ class ConfigCache:
     async def _load_all(self) -> dict[str, RetailCrmConfig]:
         configs = await load_all_configs(self._pool, secret_key=self._secret_key)
         self._by_client = {}
+        self._shared_clients = set()
         self._known = set()
         for config in configs.values():
             self._note(config)
@@ -232,7 +242,10 @@ class ConfigCache:
         """The config whose ``clientId`` equals ``client_id`` (O(1), constant-time compare)."""
         if not client_id:
             return None
-        number = self._by_client.get(_digest(client_id))
+        digest = _digest(client_id)
+        if digest in self._shared_clients:
+            return None
+        number = self._by_client.get(digest)
         if number is None:
             return None
         config = await self.cache.get(number)

@@ -239,3 +239,33 @@ async def test_a_remote_dialplan_host_cannot_use_another_enterprises_public_numb
     for allowed in (by_name2_remote, by_secret_remote, by_number_loopback):
         assert allowed.status_code == 200
         assert "Petrov" in allowed.text
+
+
+async def test_a_client_id_copied_onto_a_second_enterprise_identifies_neither(
+    db: asyncpg.Connection, database_url: str
+) -> None:
+    """A config copied by hand (plain SQL) carries the same clientId: callbacks and the
+    accountUrl login must not pick one of the two enterprises at random."""
+    shared = secrets.token_urlsafe(32)
+    own = secrets.token_urlsafe(32)
+    for number, client_id in ((A, shared), (B, shared), ("0500", own)):
+        config = {**BODY, "enabled": True, "clientId": client_id}
+        await create_enterprise(db, number, integrations={"retailcrm": config})
+    async with (
+        running_service(service_settings(database_url)) as svc,
+        httpx.AsyncClient(base_url=svc.url, timeout=10) as http,
+    ):
+        replies = {}
+        for name, client_id in (("shared", shared), ("own", own)):
+            status = await http.post(
+                "/retailcrm/status",
+                data={"clientId": client_id, "userId": "7", "status": "busy"},
+                headers=REMOTE,
+            )
+            login = await http.post(
+                "/retailcrm-admin/login", data={"clientId": client_id}, headers=REMOTE
+            )
+            replies[name] = (status.status_code, login.status_code)
+    assert replies == {"shared": (401, 401), "own": (200, 303)}
+    rows = await db.fetch("SELECT enterprise_number FROM retailcrm_user_status")
+    assert [r["enterprise_number"] for r in rows] == ["0500"]
