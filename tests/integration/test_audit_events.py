@@ -1,0 +1,80 @@
+"""Audit of POST /api/events (issue 6's route; reported, not fixed here: its files are not ours).
+
+One event whose payload or call id holds a NUL character passes validation, then fails the
+outbox insert (PostgreSQL text/jsonb refuse NUL): the whole request answers 503 "retry later",
+the good events in it are not stored, and a retrying client sends the same poison forever.
+It should be rejected per event like a lone surrogate or NaN already is.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from retailcrm_service.ingest import events_component
+from tests.support.pg import create_enterprise
+from tests.support.service import running_service, service_settings
+
+CONFIG = {"enabled": True, "domain": "http://127.0.0.1:9", "api_key": "k" * 20}
+
+
+def _event(unique_id: str, **payload: Any) -> dict[str, Any]:
+    return {
+        "enterprise_number": "0367",
+        "event_type": "hangup",
+        "call_unique_id": unique_id,
+        "payload": {"Phone": "+375291234567", **payload},
+    }
+
+
+async def _post(database_url: str, body: bytes) -> httpx.Response:
+    components = [("events", events_component)]
+    async with (
+        running_service(service_settings(database_url), components=components) as svc,
+        httpx.AsyncClient(base_url=svc.url, timeout=20) as http,
+    ):
+        return await http.post(
+            "/api/events", content=body, headers={"content-type": "application/json"}
+        )
+
+
+async def test_a_surrogate_or_nan_in_one_event_rejects_only_that_event(
+    db: asyncpg.Connection, database_url: str
+) -> None:
+    await create_enterprise(db, "0367", integrations={"retailcrm": CONFIG})
+    good = json.dumps(_event("1.1"))
+    body = f'{{"events": [{good}, {{"enterprise_number": "0367", "event_type": "hangup", '
+    body += '"call_unique_id": "1.2", "payload": {"Phone": "\\ud800", "x": NaN}}]}'
+    reply = await _post(database_url, body.encode())
+    assert reply.status_code == 202
+    assert reply.json()["accepted"] == 1
+    assert [r["index"] for r in reply.json()["rejected"]] == [1]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect reported to the lead: NUL passes CallEvent validation and fails the outbox "
+    "insert (503 for the whole batch); the fix belongs in ingest/_event (issue 6 files)",
+)
+@pytest.mark.parametrize(
+    "poison",
+    [
+        pytest.param('"payload": {"Phone": "\\u0000"}', id="nul-in-payload"),
+        pytest.param('"payload": {"\\u0000": 1}', id="nul-in-key"),
+    ],
+)
+async def test_a_nul_in_one_event_rejects_only_that_event(
+    db: asyncpg.Connection, database_url: str, poison: str
+) -> None:
+    await create_enterprise(db, "0367", integrations={"retailcrm": CONFIG})
+    good = json.dumps(_event("2.1"))
+    body = f'{{"events": [{good}, {{"enterprise_number": "0367", "event_type": "hangup", '
+    body += f'"call_unique_id": "2.2", {poison}}}]}}'
+    reply = await _post(database_url, body.encode())
+    assert reply.status_code == 202
+    assert reply.json()["accepted"] == 1
+    assert [r["index"] for r in reply.json()["rejected"]] == [1]
