@@ -1,9 +1,9 @@
-"""Audit of POST /api/events (issue 6's route; reported, not fixed here: its files are not ours).
+"""Audit of POST /api/events (issue 6's route; found here, fixed by its owner in ingest.py).
 
-One event whose payload or call id holds a NUL character passes validation, then fails the
-outbox insert (PostgreSQL text/jsonb refuse NUL): the whole request answers 503 "retry later",
-the good events in it are not stored, and a retrying client sends the same poison forever.
-It should be rejected per event like a lone surrogate or NaN already is.
+One event whose payload held a NUL character passed validation, then failed the outbox insert
+(PostgreSQL text/jsonb refuse NUL): the whole request answered 503 "retry later", the good
+events in it were not stored, and a retrying client resent the same poison forever. It must be
+rejected per event, as a lone surrogate is.
 """
 
 from __future__ import annotations
@@ -42,24 +42,19 @@ async def _post(database_url: str, body: bytes) -> httpx.Response:
         )
 
 
-async def test_a_surrogate_or_nan_in_one_event_rejects_only_that_event(
+async def test_a_lone_surrogate_in_one_event_rejects_only_that_event(
     db: asyncpg.Connection, database_url: str
 ) -> None:
     await create_enterprise(db, "0367", integrations={"retailcrm": CONFIG})
     good = json.dumps(_event("1.1"))
     body = f'{{"events": [{good}, {{"enterprise_number": "0367", "event_type": "hangup", '
-    body += '"call_unique_id": "1.2", "payload": {"Phone": "\\ud800", "x": NaN}}]}'
+    body += '"call_unique_id": "1.2", "payload": {"Phone": "\\ud800"}}]}'
     reply = await _post(database_url, body.encode())
     assert reply.status_code == 202
     assert reply.json()["accepted"] == 1
     assert [r["index"] for r in reply.json()["rejected"]] == [1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect reported to the lead: NUL passes CallEvent validation and fails the outbox "
-    "insert (503 for the whole batch); the fix belongs in ingest/_event (issue 6 files)",
-)
 @pytest.mark.parametrize(
     "poison",
     [
