@@ -219,6 +219,11 @@ def _statuses(runtime: Runtime) -> UserStatusBook:
     return book
 
 
+def _ascii_digits(value: str) -> bool:
+    # str.isdigit() alone admits "²" and non-ASCII digits such as "١٢".
+    return value.isascii() and value.isdigit()
+
+
 @router.api_route("/retailcrm/status", methods=["GET", "POST"])
 async def user_status(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
     params = await _params(request)
@@ -226,12 +231,12 @@ async def user_status(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
     user_id = params.get("userId", "")
     status = params.get("status", "")
     fields = {}
-    if not user_id.isdigit() or len(user_id) > 12:
+    if not _ascii_digits(user_id) or len(user_id) > 12:
         fields["userId"] = "a RetailCRM user id"
     if status not in USER_STATUSES:
         fields["status"] = "one of " + ", ".join(sorted(USER_STATUSES))
     code = params.get("code") or None
-    if code is not None and not code.isdigit():
+    if code is not None and not _ascii_digits(code):
         code = None
     if fields:
         raise ApiError(422, "validation_error", "invalid status callback", fields=fields)

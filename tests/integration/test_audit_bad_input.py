@@ -413,3 +413,22 @@ async def test_fuzzed_dialplan_and_smart_redirect_bodies_never_500(
         await svc.runtime.logs.flush()
         assert svc.runtime.logs.stats()["lost"] == 0
     assert failures == []
+
+
+async def test_status_callbacks_take_only_ascii_digit_user_ids_and_codes(
+    db: asyncpg.Connection, http: httpx.AsyncClient
+) -> None:
+    raw = await db.fetchval("SELECT integrations_config FROM enterprises WHERE number = '0367'")
+    client_id = json.loads(raw)["retailcrm"]["clientId"]
+    for user_id in ("²", "١٢", "-7", "7 OR 1=1"):
+        response = await http.post(
+            "/retailcrm/status", data={"clientId": client_id, "userId": user_id, "status": "busy"}
+        )
+        assert "userId" in _assert_envelope(response, 422)["fields"]
+    coded = await http.post(
+        "/retailcrm/status",
+        data={"clientId": client_id, "userId": "7", "status": "busy", "code": "١٥٠"},
+    )
+    assert coded.status_code == 200
+    rows = await db.fetch("SELECT retailcrm_user_id, code FROM retailcrm_user_status")
+    assert [(r["retailcrm_user_id"], r["code"]) for r in rows] == [("7", None)]
