@@ -432,3 +432,19 @@ async def test_status_callbacks_take_only_ascii_digit_user_ids_and_codes(
     assert coded.status_code == 200
     rows = await db.fetch("SELECT retailcrm_user_id, code FROM retailcrm_user_status")
     assert [(r["retailcrm_user_id"], r["code"]) for r in rows] == [("7", None)]
+
+
+async def test_static_files_cannot_be_used_to_read_the_service_source(
+    http: httpx.AsyncClient,
+) -> None:
+    for path in (
+        "/retailcrm-admin/static/..%2F..%2Fapp.py",
+        "/retailcrm-admin/static/..%2Fapp.py",
+        "/retailcrm-admin/static/%2e%2e/settings.py",
+        "/retailcrm-admin/static/....//app.py",
+    ):
+        response = await http.get(path)
+        assert response.status_code == 404, path
+        assert "create_app" not in response.text
+        assert "Secret" not in response.text
+    assert (await http.get("/retailcrm-admin/static/logo.svg")).status_code == 200
