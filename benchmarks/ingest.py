@@ -76,10 +76,11 @@ class _NoConfigs:
 # -- load generator -----------------------------------------------------------------------------
 
 
-def _body(seq: int) -> bytes:
+def _template() -> bytes:
+    """One request body with ``@SEQ@`` where the request's sequence number goes (unique ids)."""
     events = []
     for i in range(BATCH):
-        uid = f"{1764150000 + seq}.{i}"
+        uid = f"@SEQ@.{i}"
         events.append(
             {
                 "enterprise_number": "0367",
@@ -99,6 +100,14 @@ def _body(seq: int) -> bytes:
             }
         )
     return json.dumps({"events": events}).encode()
+
+
+TEMPLATE = _template()
+
+
+def _body(seq: int) -> bytes:
+    # A byte replace keeps the load generator cheap: it shares the machine with the server.
+    return TEMPLATE.replace(b"@SEQ@", str(1764150000 + seq).encode())
 
 
 async def load(url: str, seconds: float, concurrency: int, offset: int) -> dict[str, float]:

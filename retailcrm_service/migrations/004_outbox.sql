@@ -42,6 +42,11 @@ CREATE INDEX IF NOT EXISTS retailcrm_outbox_due_idx
 -- Per-call ordering ("is an earlier row of this call still pending?") and attribution lookups.
 CREATE INDEX IF NOT EXISTS retailcrm_outbox_call_idx
     ON retailcrm_outbox (enterprise_number, call_unique_id, id);
--- Replay and per-enterprise statistics.
-CREATE INDEX IF NOT EXISTS retailcrm_outbox_state_idx
-    ON retailcrm_outbox (enterprise_number, state, created_at);
+-- Replay of an enterprise's failed events. Partial: the intake never writes to it, and
+-- delivered rows (the bulk) stay out of it.
+CREATE INDEX IF NOT EXISTS retailcrm_outbox_failed_idx
+    ON retailcrm_outbox (enterprise_number, created_at)
+    WHERE state IN ('dead', 'expired', 'superseded', 'skipped');
+-- Purge of settled rows past the retention.
+CREATE INDEX IF NOT EXISTS retailcrm_outbox_finished_idx
+    ON retailcrm_outbox (finished_at) WHERE state <> 'pending';

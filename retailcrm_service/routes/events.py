@@ -6,6 +6,7 @@ The 202 is sent only after the accepted events are committed; a database failure
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import datetime
 from typing import Any
@@ -40,9 +41,32 @@ def pipeline(request: Request) -> EventPipeline:
     return found  # type: ignore[no-any-return]
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+async def read_events_body(request: Request) -> Any:
+    """The JSON body, strictly: NaN/Infinity (not JSON, and PostgreSQL refuses them) and nesting
+    too deep to decode are 400s like any other unparseable body; over 1 MiB is a 413."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise ApiError(413, "too_large", f"body larger than {MAX_BODY_BYTES} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ApiError(413, "too_large", f"body larger than {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks), parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+
+
 @router.post("/api/events", status_code=202)
 async def post_events(request: Request) -> JSONResponse:
-    body = await read_json(request, max_bytes=MAX_BODY_BYTES)
+    body = await read_events_body(request)
     try:
         parsed = parse_events(body)
     except BodyTooLarge as exc:

@@ -192,7 +192,11 @@ def test_health_shows_the_backlog_and_replay_redelivers(
 
 
 _json = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
     lambda inner: (
         st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
     ),
@@ -250,3 +254,24 @@ def test_hostile_bodies_never_500_and_never_write_partially(
         check()
     finally:
         client.close()
+
+
+def test_bodies_postgresql_would_refuse_never_sink_a_transaction(
+    service: InProcessService, database_url: str
+) -> None:
+    good = json.dumps(fixture_events()[0])
+    nul = (
+        '{"enterprise_number":"0367","event_type":"bridge",'
+        '"payload":{"UniqueId":"9.9","n":"\\u0000"}}'
+    )
+    surrogate = nul.replace("\\u0000", "\\ud800")
+    body = f'{{"events":[{good},{nul},{surrogate}]}}'.encode()
+    response = _post(service, None, content=body)
+    assert response.status_code == 202
+    assert response.json()["accepted"] == 1
+    assert [r["index"] for r in response.json()["rejected"]] == [1, 2]
+    for raw in (b'{"events":[{"x":NaN}]}', b"[" * 100_000 + b"]" * 100_000):
+        bad = _post(service, None, content=raw)
+        assert bad.status_code == 400
+        assert bad.json()["error"]["code"] == "invalid_json"
+    assert asyncio.run(_count(database_url)) == 1
