@@ -345,6 +345,7 @@ class DeliveryService:
             return
         mapping = MappingConfig(
             timezone=_valid_timezone(getattr(config, "timezone", None)),
+            account_timezone=valid_timezone(getattr(config, "account_timezone", None)),
             user_extensions=dict(getattr(config, "user_extensions", {}) or {}),
             internal_calls=bool(getattr(config, "internal_calls", False)),
         )
@@ -442,7 +443,7 @@ class _Sender:
     async def history(
         self,
         rows: list[OutboxRow],
-        bridges: dict[str, list],
+        bridges: dict[str, list[dict[str, Any]]],
         settle: Callable[[list[Outcome]], Awaitable[None]],
     ) -> None:
         skipped: list[Outcome] = []

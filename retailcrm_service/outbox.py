@@ -133,7 +133,7 @@ RETURNING enterprise_number, idempotency_key
 
 
 # The C string encoder json.dumps uses, without its per-call overhead (hot path).
-_string: Callable[[str], str] = json.encoder.encode_basestring  # type: ignore[attr-defined]
+_string: Callable[[str], str] = json.encoder.encode_basestring
 
 
 async def insert_events(
@@ -448,7 +448,9 @@ class OutboxStore:
             "superseded": [r["enterprise_number"] for r in superseded],
         }
 
-    async def bridges(self, enterprise_number: str, call_ids: Sequence[str]) -> dict[str, list]:
+    async def bridges(
+        self, enterprise_number: str, call_ids: Sequence[str]
+    ) -> dict[str, list[dict[str, Any]]]:
         """The bridge payloads of these calls, oldest first (for attribution)."""
         rows = await self._pool.fetch(
             """SELECT call_unique_id, payload FROM retailcrm_outbox
@@ -457,7 +459,7 @@ class OutboxStore:
             enterprise_number,
             list(call_ids),
         )
-        found: dict[str, list] = {}
+        found: dict[str, list[dict[str, Any]]] = {}
         for r in rows:
             found.setdefault(r["call_unique_id"], []).append(json.loads(r["payload"]))
         return found
