@@ -113,17 +113,23 @@ def _body(seq: int) -> bytes:
 async def load(url: str, seconds: float, concurrency: int, offset: int) -> dict[str, float]:
     latencies: list[float] = []
     accepted = 0
+    errors = 0
     seq = offset
     deadline = time.perf_counter() + seconds
     headers = {"content-type": "application/json"}
 
     async def worker(client: httpx.AsyncClient) -> None:
-        nonlocal accepted, seq
+        nonlocal accepted, seq, errors
         while time.perf_counter() < deadline:
             seq += 1
             body = _body(seq)
             start = time.perf_counter()
-            response = await client.post(url, content=body, headers=headers)
+            try:
+                response = await client.post(url, content=body, headers=headers)
+            except httpx.TransportError:
+                # A keep-alive connection closed under us: count it, resend on a fresh one.
+                errors += 1
+                continue
             latencies.append(time.perf_counter() - start)
             if response.status_code != 202:
                 raise RuntimeError(f"HTTP {response.status_code}: {response.text[:200]}")
@@ -141,6 +147,7 @@ async def load(url: str, seconds: float, concurrency: int, offset: int) -> dict[
         "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
         "requests": len(latencies),
         "accepted": accepted,
+        "transport_errors": errors,
     }
 
 
@@ -238,6 +245,7 @@ def main() -> int:
                 "nodb_p99_ms": round(nodb["p99_ms"], 2),
                 "durable_p50_ms": round(durable["p50_ms"], 2),
                 "nodb_p50_ms": round(nodb["p50_ms"], 2),
+                "transport_errors": durable["transport_errors"] + nodb["transport_errors"],
                 "batch": BATCH,
                 "concurrency": args.concurrency,
                 "seconds": seconds,

@@ -123,7 +123,7 @@ SELECT i.en, i.ikey, i.kind, i.hist, i.cuid, i.etype, i.origin, i.payload, i.occ
                  OR coalesce(e.integrations_config -> 'retailcrm' ->> 'enabled', '') <> 'true'
             THEN now() END
 FROM ROWS FROM (json_to_recordset($1::json) AS (en text, ikey text, kind text, hist boolean,
-                cuid text, etype text, origin text, payload jsonb, occ timestamptz))
+                cuid text, etype text, origin text, payload json, occ timestamptz))
      WITH ORDINALITY AS i(en, ikey, kind, hist, cuid, etype, origin, payload, occ, ord)
 LEFT JOIN enterprises e ON e.number = i.en
 ORDER BY i.ord

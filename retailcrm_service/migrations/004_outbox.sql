@@ -21,7 +21,7 @@ CREATE TABLE IF NOT EXISTS retailcrm_outbox (
     call_unique_id    text        NOT NULL,
     event_type        text        NOT NULL,
     origin            text        NOT NULL DEFAULT 'live',
-    payload           jsonb       NOT NULL,
+    payload           json        NOT NULL,  -- stored as received (json: no re-encoding cost)
     occurred_at       timestamptz,
     state             text        NOT NULL DEFAULT 'pending'
         CHECK (state IN ('pending', 'delivered', 'expired', 'superseded', 'dead', 'skipped')),
