@@ -24,7 +24,7 @@ from retailcrm_service.asterisk import (
     validate_channel,
     validate_extension,
 )
-from retailcrm_service.auth import is_internal, require_internal
+from retailcrm_service.auth import caller_address, is_internal, require_internal
 from retailcrm_service.routes import ApiError, read_json, validate
 from retailcrm_service.smart_redirect import Decision, SmartRedirect, dialplan_reply
 
@@ -227,7 +227,7 @@ async def getcustomerdata(request: Request, runtime: RuntimeDep) -> Response:
     except Exception as exc:  # fail open: the call must go on without us
         logger.warning("smart_redirect.token_lookup_failed error=%s", type(exc).__name__)
         return Response(dialplan_reply("", None), media_type="application/json")
-    if number is None or not _token_acceptable(request, token, number):
+    if number is None or not await _token_acceptable(request, runtime, token, number):
         return _dialplan_error(401, "unauthorized", "unknown Token")
     if phone is None:
         return _dialplan_error(422, "validation_error", "Phone is required")
@@ -236,12 +236,17 @@ async def getcustomerdata(request: Request, runtime: RuntimeDep) -> Response:
     return Response(decision.as_reply(), media_type="application/json")
 
 
-def _token_acceptable(request: Request, token: str, number: str) -> bool:
-    """An enterprise's number is public and guessable ("0367"): as a Token it proves nothing, so
-    only internal callers may use it; a remote host must present its name2 or secret."""
+async def _token_acceptable(request: Request, runtime: Runtime, token: str, number: str) -> bool:
+    """An enterprise's number is public and guessable ("0367"): as a Token it proves nothing by
+    itself. Internal callers and the enterprise's own Asterisk host (``enterprises.ip``, where
+    some dialplans still send the number) may use it; anyone else must present name2 or secret."""
     if token.strip() != number:
         return True
-    return is_internal(request, request.app.state.settings)
+    if is_internal(request, runtime.settings):
+        return True
+    config = await runtime.configs.get(number)
+    caller = caller_address(request)
+    return bool(config is not None and config.ip and caller and config.ip.strip() == caller)
 
 
 def _smart_or_none(runtime: Runtime) -> SmartRedirect | None:

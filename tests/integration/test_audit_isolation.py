@@ -28,6 +28,7 @@ from tests.support.service import RunningService, running_service, service_setti
 KEY = "Xk2PqL9vT4mZ8sW1cR7yB3nD6fH0jG5a"
 BODY = {"domain": "http://127.0.0.1:9", "api_key": KEY}  # a closed port: nothing leaves
 REMOTE = {"X-Real-IP": "203.0.113.9"}  # what nginx sets for a caller on the internet
+OWN_HOST = "198.51.100.20"  # an enterprise's own Asterisk host (enterprises.ip)
 A, B = "0367", "0400"
 
 
@@ -202,7 +203,7 @@ async def test_a_remote_dialplan_host_cannot_use_another_enterprises_public_numb
 
     Before the fix any caller that could reach getcustomerdata read B's customer names and
     routing by sending ``Token: 0400``. name2 and secret still work from anywhere; the bare
-    number still works for internal (loopback) callers.
+    number still works for internal (loopback) callers and from the enterprise's own host.
     """
     key = secrets.token_hex(16)
     async with AsyncSandboxServer(
@@ -232,11 +233,16 @@ async def test_a_remote_dialplan_host_cannot_use_another_enterprises_public_numb
             by_name2_remote = await ask(row["name2"], REMOTE)
             by_secret_remote = await ask(row["secret"], REMOTE)
             by_number_loopback = await ask(B, {})
-    for refused in (by_number_remote, by_number_in_body):
+            # Some dialplans send the number: the enterprise's own Asterisk host may.
+            await db.execute("UPDATE enterprises SET ip = $1 WHERE number = $2", OWN_HOST, B)
+            await http.post(f"/api/config-cache/refresh/{B}")
+            by_number_from_own_host = await ask(B, {"X-Real-IP": OWN_HOST})
+            by_number_from_elsewhere = await ask(B, REMOTE)
+    for refused in (by_number_remote, by_number_in_body, by_number_from_elsewhere):
         assert refused.status_code == 401
         assert refused.text.startswith('{"Name":"","DialPlan":null,')
         assert "Petrov" not in refused.text
-    for allowed in (by_name2_remote, by_secret_remote, by_number_loopback):
+    for allowed in (by_name2_remote, by_secret_remote, by_number_loopback, by_number_from_own_host):
         assert allowed.status_code == 200
         assert "Petrov" in allowed.text
 
