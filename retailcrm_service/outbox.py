@@ -257,8 +257,9 @@ class GroupCommitter:
             try:
                 # A request must not hang on a database that stopped answering: past the
                 # deadline the caller gets an error and retries (duplicates are harmless).
+                # One statement is one atomic transaction: no BEGIN/COMMIT round trips.
                 async with asyncio.timeout(self._config.commit_timeout):
-                    async with self._pool.acquire() as conn, conn.transaction():
+                    async with self._pool.acquire() as conn:
                         new = await insert_events(
                             conn, list(unique.values()), popup_ttl=self._config.popup_ttl
                         )
