@@ -154,6 +154,7 @@ class CrmClient:
         self._pending: dict[str, list[tuple[CallEvent, float]]] = {}
         self._pending_count = 0
         self._resolved = anyio.Event()
+        self._resolver_scopes: set[anyio.CancelScope] = set()
         self._counts = dict.fromkeys(
             (
                 "emitted",
@@ -234,6 +235,10 @@ class CrmClient:
         try:
             with anyio.CancelScope(shield=True):
                 await self._drain_within_deadline()
+            for sender in self._senders.values():
+                sender.cancel()
+            for scope in self._resolver_scopes:
+                scope.cancel()
             self._tg.cancel_scope.cancel()
             # Counted before the workers unwind: nothing moves once their scope is cancelled.
             self._report_undelivered()
@@ -339,9 +344,18 @@ class CrmClient:
             if self._resolved.is_set():
                 self._resolved = anyio.Event()
             assert self._tg is not None
-            self._tg.start_soon(self._resolve, number, name=f"vochi-crm-resolve-{number}")
+            self._tg.start_soon(self._shielded_resolve, number, name=f"vochi-crm-resolve-{number}")
         waiting.append((event, self._clock()))
         self._pending_count += 1
+
+    async def _shielded_resolve(self, number: str) -> None:
+        # Shielded like the senders' workers: the drain waits for the events it routes.
+        with anyio.CancelScope(shield=True) as scope:
+            self._resolver_scopes.add(scope)
+            try:
+                await self._resolve(number)
+            finally:
+                self._resolver_scopes.discard(scope)
 
     async def _resolve(self, number: str) -> None:
         """Load ``number`` into the matrix, then route the events that waited for it."""

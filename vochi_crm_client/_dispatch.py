@@ -134,6 +134,7 @@ class TargetSender:
         self._breaker_naps: set[anyio.CancelScope] = set()
         self._closing = False
         self._workers = 0
+        self._worker_scopes: set[anyio.CancelScope] = set()
         self._idle = anyio.Event()
         self._batch_ms: deque[float] = deque(maxlen=1024)
         self._event_ms: deque[float] = deque(maxlen=4096)
@@ -152,10 +153,19 @@ class TargetSender:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self, task_group: TaskGroup) -> None:
-        """Start the workers in the owner's task group."""
+        """Start the workers in the owner's task group.
+
+        Each worker runs shielded: cancelling the owner must not kill the flush that its
+        ``close`` is waiting for. The owner stops them with ``cancel()`` once it is done.
+        """
         for i in range(self.config.max_in_flight):
             self._workers += 1
-            task_group.start_soon(self._worker, name=f"vochi-crm-{self.name}-{i}")
+            task_group.start_soon(self._shielded_worker, name=f"vochi-crm-{self.name}-{i}")
+
+    def cancel(self) -> None:
+        """Stop every worker now (after the drain deadline, or to tear down)."""
+        for scope in self._worker_scopes:
+            scope.cancel()
 
     def close(self) -> None:
         """Stop waiting for more events: workers flush what is queued, then exit."""
@@ -173,6 +183,11 @@ class TargetSender:
         return self.buffer.abandon("shutdown")
 
     # -- workers -----------------------------------------------------------------------------
+
+    async def _shielded_worker(self) -> None:
+        with anyio.CancelScope(shield=True) as scope:
+            self._worker_scopes.add(scope)
+            await self._worker()
 
     async def _worker(self) -> None:
         try:

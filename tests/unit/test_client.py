@@ -255,3 +255,34 @@ def test_constructor_validates_its_arguments() -> None:
         CrmClient(targets={"retailcrm": "ftp://x"}, dsn="postgresql://x")
     with pytest.raises(ValueError, match="batch_max"):
         CrmClient(targets=TARGETS, dsn="postgresql://x", batch_max=0)
+
+
+async def test_a_cancelled_owner_still_drains_then_the_cancellation_proceeds() -> None:
+    matrix = MemoryMatrix({"0367": frozenset({"retailcrm"})})
+    clock, receivers = FakeClock(), Receivers()
+    receivers.down = True
+    scopes: list[anyio.CancelScope] = []
+    holder: list[CrmClient] = []
+    finished = anyio.Event()
+
+    async def owner() -> None:
+        with anyio.CancelScope() as scope:
+            scopes.append(scope)
+            async with client(matrix, receivers, clock, drain_timeout=5.0) as crm:
+                holder.append(crm)
+                crm.emit(hangup("1.1"))
+                await anyio.sleep_forever()
+        assert scope.cancelled_caught
+        finished.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(owner)
+        await settle()
+        scopes[0].cancel()
+        await clock.run_for(2.0, step=0.5)
+        assert holder[0].state is ClientState.CLOSING  # draining, shielded from the cancel
+        receivers.down = False
+        await clock.run_for(4.0, step=0.5)
+        assert finished.is_set()
+    assert receivers.events["retailcrm.test"][0]["call_unique_id"] == "1.1"
+    assert holder[0].undelivered == {"retailcrm": 0, "uon": 0}

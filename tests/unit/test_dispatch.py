@@ -78,7 +78,7 @@ async def sender_for(
         try:
             yield sender
         finally:
-            tg.cancel_scope.cancel()
+            sender.cancel()
 
 
 async def test_full_batches_go_at_once_and_the_remainder_after_linger() -> None:
