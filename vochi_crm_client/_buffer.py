@@ -176,9 +176,10 @@ class TargetBuffer:
                 break
         return batch
 
-    def requeue(self, entries: Iterable[Entry]) -> None:
-        """Put held entries back at the front of their enterprises' queues, in order."""
-        for entry in reversed(list(entries)):
+    def requeue(self, entries: Iterable[Entry], *, front: bool = True) -> None:
+        """Put held entries back at the front (or the back) of their queues, in order."""
+        ordered = reversed(list(entries)) if front else list(entries)
+        for entry in ordered:
             if entry.state != _HELD:
                 continue
             if entry.doomed is not None:
@@ -193,17 +194,17 @@ class TargetBuffer:
             self._held -= 1
             self._queued += 1
             queue.live += 1
-            queue.fifo.appendleft(entry)
+            (queue.fifo.appendleft if front else queue.fifo.append)(entry)
             if entry.event.is_popup:
                 queue.live_popups += 1
                 self._popups += 1
                 if not entry.in_popups:
                     entry.in_popups = True
-                    queue.popups.appendleft(entry)
+                    (queue.popups.appendleft if front else queue.popups.append)(entry)
             self.counters.requeued += 1
             if not queue.in_ring:
                 queue.in_ring = True
-                self._ring.appendleft(ent)
+                (self._ring.appendleft if front else self._ring.append)(ent)
         while self._queued + self._held > self.max_queue and self._evict_one(None):
             pass
 

@@ -6,8 +6,9 @@ to fill (cut short as soon as ``batch_max`` events wait), asks the breaker for a
 ``{"events": [...]}``. The target's 202 reply says which events it rejected: those are logged,
 counted and never retried. Connect errors, timeouts, 5xx and 429 are retried ``retries`` times
 with full-jitter backoff (longer when the target sends ``Retry-After``); a batch still failing goes
-back to the front of its queue, where the breaker, not a hot loop, decides when to try again.
-Any other status rejects the batch; 400/413/422 first split it in halves to isolate the culprit.
+back to the front of its queue, where the breaker, not a hot loop, decides when to try again
+(unless the target answers others fine: then the batch is halved, see ``_exhausted``). Any other
+status rejects the batch; 400/413/422 first split it in halves to isolate the culprit.
 
 The workers never raise: an error in the library must not cancel the call service's task group.
 """
@@ -268,7 +269,7 @@ class TargetSender:
                     return
                 attempt += 1
                 if attempt > self.config.retries:
-                    self._give_back(live, outcome, attempt)
+                    await self._exhausted(live, outcome, attempt)
                     return
                 self.counters.retried += len(live)
                 await self._sleep(self._retry_delay(attempt, outcome))
@@ -367,15 +368,34 @@ class TargetSender:
         self.counters.duplicates += duplicates
         self.buffer.settle(entries)
 
+    async def _exhausted(self, entries: list[Entry], outcome: _Outcome, attempts: int) -> None:
+        """Retries are spent: wait at the front of the queue for the breaker, unless the batch
+        itself looks like the problem.
+
+        That is when the target answers (a 5xx, not a connect error or a timeout) while its
+        breaker stays closed: then the batch is halved, and a lone failing event goes to the
+        back of its queue, so one event the target chokes on cannot hold the others back
+        (halving may reorder the halves; the service tolerates reordered events).
+        """
+        if self.breaker.state is not BreakerState.CLOSED or outcome.status is None:
+            self._give_back(entries, outcome, attempts)
+        elif len(entries) > 1:
+            await self._halves(entries)
+        else:
+            self._give_back(entries, outcome, attempts, front=False)
+
+    async def _halves(self, entries: list[Entry]) -> None:
+        middle = len(entries) // 2
+        for half in (entries[:middle], entries[middle:]):
+            permit = self.breaker.acquire(self._clock())
+            if permit is None:
+                self.buffer.requeue(half)
+            else:
+                await self._deliver(half, permit)
+
     async def _reject(self, entries: list[Entry], outcome: _Outcome) -> None:
         if len(entries) > 1 and outcome.status in _SPLIT_STATUSES:
-            middle = len(entries) // 2
-            for half in (entries[:middle], entries[middle:]):
-                permit = self.breaker.acquire(self._clock())
-                if permit is None:
-                    self.buffer.requeue(half)
-                else:
-                    await self._deliver(half, permit)
+            await self._halves(entries)
             return
         logger.warning(
             "dispatch.batch_rejected target=%s status=%s events=%d first_key=%s",
@@ -388,7 +408,9 @@ class TargetSender:
             self.buffer.drop_held(entry, "rejected")
         self.counters.rejected += len(entries)
 
-    def _give_back(self, entries: list[Entry], outcome: _Outcome, attempts: int) -> None:
+    def _give_back(
+        self, entries: list[Entry], outcome: _Outcome, attempts: int, *, front: bool = True
+    ) -> None:
         self.counters.batches_failed += 1
         logger.warning(
             "dispatch.batch_failed target=%s events=%d attempts=%d error=%s",
@@ -397,7 +419,7 @@ class TargetSender:
             attempts,
             outcome.error,
         )
-        self.buffer.requeue(entries)
+        self.buffer.requeue(entries, front=front)
 
     def _retry_delay(self, attempt: int, outcome: _Outcome) -> float:
         wait = delay(attempt, self._backoff, self._rng)

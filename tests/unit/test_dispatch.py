@@ -389,3 +389,48 @@ async def test_an_unexpected_error_is_logged_and_the_batch_is_kept(
         assert "dispatch.worker_error" in caplog.text
         await clock.run_for(1.0, step=0.5)
         assert sender.stats()["delivered"] == 1
+
+
+async def test_one_event_the_target_chokes_on_does_not_hold_the_others_back() -> None:
+    """A 500 for every batch holding one event: the rest get through, that event is kept."""
+    clock = FakeClock()
+
+    def handler(events: list[dict[str, Any]]) -> httpx.Response:
+        if any(e["call_unique_id"] == "poison.1" for e in events):
+            return httpx.Response(500)
+        return ok(events)
+
+    target = Target(handler)
+    breaker = BreakerConfig(consecutive_failures=50, min_calls=50)  # the target is "up"
+    async with sender_for(target, clock, linger=0, batch_max=8, breaker=breaker) as sender:
+        for i in range(3):
+            sender.put(ev("hangup", f"1.{i}"))
+        sender.put(ev("hangup", "poison.1"))
+        for i in range(3, 7):
+            sender.put(ev("hangup", f"1.{i}"))
+        await clock.run_for(20, step=0.05)
+        stats = sender.stats()
+        assert stats["delivered"] == 7
+        assert stats["queued"] + stats["in_flight"] == 1  # history is never dropped
+        assert stats["dropped"] == dict.fromkeys(stats["dropped"], 0)
+
+
+async def test_an_unreachable_target_keeps_the_batch_whole_and_in_order() -> None:
+    clock = FakeClock()
+    state = {"up": False}
+
+    def handler(events: list[dict[str, Any]]) -> httpx.Response:
+        if not state["up"]:
+            raise httpx.ConnectError("refused")
+        return ok(events)
+
+    target = Target(handler)
+    breaker = BreakerConfig(consecutive_failures=50, min_calls=50)
+    async with sender_for(target, clock, linger=0, breaker=breaker) as sender:
+        for i in range(6):
+            sender.put(ev("hangup", f"1.{i}"))
+        await clock.run_for(5, step=0.05)
+        assert {len(p) for p in target.posts} == {6}
+        state["up"] = True
+        await clock.run_for(5, step=0.05)
+        assert [e["call_unique_id"] for e in target.posts[-1]] == [f"1.{i}" for i in range(6)]
