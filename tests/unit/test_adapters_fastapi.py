@@ -101,3 +101,13 @@ def test_settings_come_from_flags_then_the_environment() -> None:
     assert dict(from_flags.targets) == {"retailcrm": "http://r/1"}
     assert from_flags.forward_internal
     assert isinstance(args, argparse.Namespace)
+
+
+def test_the_cli_refuses_a_malformed_target_without_starting(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adapters.call_service import main
+
+    monkeypatch.setenv("DATABASE_URL", "postgresql://u@127.0.0.1:1/none")
+    assert main(["--target", "retailcrm"]) == 2
+    assert "NAME=URL" in capsys.readouterr().out
