@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -237,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_from(args, os.environ)
     except ValueError as exc:
-        print(f"vochi-call-service: {exc}")
+        print(f"vochi-call-service: {exc}", file=sys.stderr)
         return 2
     logger.info(
         "call_service.start host=%s port=%d targets=%s",

@@ -110,4 +110,4 @@ def test_the_cli_refuses_a_malformed_target_without_starting(
 
     monkeypatch.setenv("DATABASE_URL", "postgresql://u@127.0.0.1:1/none")
     assert main(["--target", "retailcrm"]) == 2
-    assert "NAME=URL" in capsys.readouterr().out
+    assert "NAME=URL" in capsys.readouterr().err
