@@ -16,6 +16,7 @@ to ``integration_logs`` with the call's ``call_unique_id`` (secrets masked by th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -87,6 +88,7 @@ class DeliveryConfig:
     max_enterprises: int = 32
     poll_interval: float = 0.5
     sweep_interval: float = 1.0
+    instance_ttl: float = 5.0
     rate_limit_retry: float = 1.0
     upload_batch: int = 50
     request_timeout: float = 3.0
@@ -97,8 +99,10 @@ class DeliveryConfig:
     def __post_init__(self) -> None:
         if self.claim_batch < 1 or self.max_enterprises < 1 or not 1 <= self.upload_batch <= 50:
             raise ValueError("claim_batch, max_enterprises >= 1 and upload_batch in 1..50")
-        if self.poll_interval <= 0 or self.sweep_interval <= 0 or self.request_timeout <= 0:
+        if min(self.poll_interval, self.sweep_interval, self.request_timeout) <= 0:
             raise ValueError("intervals and timeouts must be positive")
+        if self.instance_ttl <= self.sweep_interval:
+            raise ValueError("instance_ttl must exceed sweep_interval")
 
 
 @dataclass(slots=True)
@@ -202,6 +206,7 @@ class DeliveryService:
         self._tasks: asyncio.TaskGroup | None = None
         self._backlog: dict[str, Any] = {}
         self.loop_errors = 0
+        self.instances = 1
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -232,6 +237,8 @@ class DeliveryService:
             logger.warning("delivery.close_timeout: in-flight rows stay leased until expiry")
         finally:
             self._tasks = None
+            with contextlib.suppress(Exception):  # best effort: the heartbeat also expires
+                await asyncio.wait_for(self.store.leave(), 2.0)
             if self._own_http and self._http is not None:
                 await self._http.aclose()
 
@@ -254,6 +261,8 @@ class DeliveryService:
             "enterprises": {n: c.snapshot() for n, c in sorted(self._counters.items())},
             "breakers": {n: b.stats()["state"] for n, b in sorted(self._breakers.items())},
             "loop_errors": self.loop_errors,
+            "instances": self.instances,
+            "pacing_share": round(self.pacer.share, 3),
         }
 
     async def health(self) -> dict[str, Any]:
@@ -292,6 +301,8 @@ class DeliveryService:
         self._wakeup.clear()
 
     async def _sweep(self) -> None:
+        self.instances = await self.store.heartbeat(alive_within=self.config.instance_ttl)
+        self.pacer.set_share(1.0 / self.instances)
         swept = await self.store.sweep()
         for outcome in ("expired", "superseded"):
             for number in swept[outcome]:

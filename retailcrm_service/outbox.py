@@ -449,6 +449,32 @@ class OutboxStore:
             "superseded": [r["enterprise_number"] for r in superseded],
         }
 
+    async def heartbeat(self, *, alive_within: float) -> int:
+        """Mark this instance alive; returns how many instances were alive within the window."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                """INSERT INTO retailcrm_delivery_instances (owner) VALUES ($1)
+                   ON CONFLICT (owner) DO UPDATE SET seen_at = now()""",
+                self.owner,
+            )
+            await conn.execute(
+                "DELETE FROM retailcrm_delivery_instances"
+                " WHERE seen_at < now() - make_interval(secs => $1)",
+                alive_within * 10,
+            )
+            count = await conn.fetchval(
+                "SELECT count(*) FROM retailcrm_delivery_instances"
+                " WHERE seen_at >= now() - make_interval(secs => $1)",
+                alive_within,
+            )
+        return max(1, int(count))
+
+    async def leave(self) -> None:
+        """This instance stops delivering: the others take its share at once."""
+        await self._pool.execute(
+            "DELETE FROM retailcrm_delivery_instances WHERE owner = $1", self.owner
+        )
+
     async def bridges(
         self, enterprise_number: str, call_ids: Sequence[str]
     ) -> dict[str, list[dict[str, Any]]]:

@@ -3,9 +3,10 @@
 RetailCRM allows 10 requests/s per API key for ordinary methods and 40 requests/s for
 ``/telephony/*`` (separate buckets, burst 1) and answers 503 beyond that (retailcrm-api.md §1).
 We schedule below it (8 and 32 by default): each key has two virtual-time buckets (GCRA), and
-``acquire`` waits until the request's slot. A 503 or 429 halves the key's rate; the rate climbs
-back linearly over ``recovery_seconds`` after the last penalty. Keys are held as digests, never as
-the secret itself.
+``acquire`` waits until the request's slot. When n service instances deliver, each takes 1/n of
+the budget (``set_share``; the delivery workers count the live instances in PostgreSQL). A 503
+or 429 halves the key's rate; the rate climbs back linearly over ``recovery_seconds`` after the
+last penalty. Keys are held as digests, never as the secret itself.
 """
 
 from __future__ import annotations
@@ -90,6 +91,17 @@ class Pacer:
         self._clock = clock
         self._sleep = sleep
         self._keys: dict[str, _KeyState] = {}
+        self._share = 1.0
+
+    @property
+    def share(self) -> float:
+        return self._share
+
+    def set_share(self, share: float) -> None:
+        """This process's part of every key's budget (``1/n`` when n instances deliver)."""
+        if not 0 < share <= 1:
+            raise ValueError("share must be in (0, 1]")
+        self._share = share
 
     def reserve(self, api_key: str, method: str) -> float:
         """Take the next slot of the key's bucket for ``method``; returns the wait in seconds."""
@@ -100,7 +112,7 @@ class Pacer:
             rate, bucket = self._config.telephony_rps, state.telephony
         else:
             rate, bucket = self._config.general_rps, state.general
-        return bucket.reserve(now, 1.0 / (rate * fraction), self._config.burst)
+        return bucket.reserve(now, 1.0 / (rate * fraction * self._share), self._config.burst)
 
     async def acquire(self, api_key: str, method: str) -> None:
         """Wait for the key's next slot for ``method``."""

@@ -50,3 +50,10 @@ CREATE INDEX IF NOT EXISTS retailcrm_outbox_failed_idx
 -- Purge of settled rows past the retention.
 CREATE INDEX IF NOT EXISTS retailcrm_outbox_finished_idx
     ON retailcrm_outbox (finished_at) WHERE state <> 'pending';
+
+-- Delivery instances alive (heartbeat each sweep): each paces RetailCRM at 1/n of the budget,
+-- so that n instances sharing one API key stay under its limits together.
+CREATE TABLE IF NOT EXISTS retailcrm_delivery_instances (
+    owner   text        PRIMARY KEY,
+    seen_at timestamptz NOT NULL DEFAULT now()
+);

@@ -61,6 +61,10 @@ def call_events(n: int, *, prefix: str = "17641", live: bool = True) -> list[dic
     return events
 
 
+def _stats(service: ServiceProcess) -> dict[str, Any]:
+    return httpx.get(service.url + "/stats", timeout=5).json()["outbox"]  # type: ignore[no-any-return]
+
+
 def uploaded(crm: ServiceProcess) -> list[dict[str, Any]]:
     return sandbox_state(crm)["accounts"][ACCOUNT]["calls"]  # type: ignore[no-any-return]
 
@@ -105,13 +109,14 @@ def test_two_instances_on_one_database_deliver_every_event_once(
 ) -> None:
     """(d) SKIP LOCKED and leases: each popup sent once, each call uploaded once."""
     events = call_events(40)
-    # pacing is per instance: two instances sharing one key each take half of the budget
-    env = {**FAST_ENV, "RETAILCRM_PACING_TELEPHONY_RPS": "16", "RETAILCRM_PACING_GENERAL_RPS": "4"}
-    one = ServiceProcess.service(database_url, env=env)
-    two = ServiceProcess.service(database_url, env=env)
+    one = ServiceProcess.service(database_url, env=FAST_ENV)
+    two = ServiceProcess.service(database_url, env=FAST_ENV)
     try:
         one.start()
         two.start()
+        # each sees the other (heartbeats in PostgreSQL) and paces at half of the key's budget
+        for proc in (one, two):
+            wait_for(lambda p=proc: _stats(p)["instances"] == 2)
         post_events(one, events[:40], batch=10)
         post_events(two, events[40:], batch=10)
         states = asyncio.run(wait_drained(database_url, timeout=60))

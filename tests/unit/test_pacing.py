@@ -100,3 +100,12 @@ def test_telephony_routes_are_recognised(method: str, telephony: bool) -> None:
 def test_invalid_config_is_rejected() -> None:
     with pytest.raises(ValueError, match="rates"):
         PacingConfig(general_rps=0)
+
+
+def test_an_instance_paces_at_its_share_of_the_budget() -> None:
+    clock = Clock()
+    pacer = Pacer(clock=clock)
+    pacer.set_share(0.5)
+    assert _requests_in_first_second(pacer, clock, "telephony/call/event", 100) == 16
+    with pytest.raises(ValueError, match="share"):
+        pacer.set_share(0)
