@@ -17,7 +17,8 @@ Public names:
 
 Stored shape of ``integrations_config.retailcrm`` (keys we own, besides the platform's ``enabled``,
 ``domain``, ``api_key``, ``user_extensions``, ``last_sync``): ``clientId``, ``timezone``,
-``internal_calls``, ``external_phones``, ``smart_redirect``, ``module`` (registration state).
+``account_timezone``, ``internal_calls``, ``external_phones``, ``smart_redirect``, ``module``
+(registration state).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class RetailCrmConfig:
     client_id: Secret | None = None
     user_extensions: Mapping[str, str | None] = field(default_factory=dict)
     timezone: str = DEFAULT_TIMEZONE
+    account_timezone: str | None = None
     internal_calls: bool = False
     external_phones: tuple[Mapping[str, str], ...] = ()
     smart_redirect: Mapping[str, Any] = field(default_factory=dict)
@@ -118,6 +120,7 @@ def config_from_row(row: Mapping[str, Any], *, secret_key: Secret | None) -> Ret
             for k, v in (extensions.items() if isinstance(extensions, Mapping) else ())
         },
         timezone=str(raw.get("timezone") or DEFAULT_TIMEZONE),
+        account_timezone=str(raw["account_timezone"]) if raw.get("account_timezone") else None,
         internal_calls=raw.get("internal_calls") is True,
         external_phones=tuple(
             {str(k): str(v) for k, v in p.items()}

@@ -126,6 +126,15 @@ def normalize_api_key(value: str | None) -> str | None:
     return value
 
 
+def _check_zone(value: str) -> str:
+    # OSError: a name too long for a file, or a directory of the zone database ("Europe").
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise ValueError(f"unknown timezone {value[:64]!r}") from None
+    return value
+
+
 class ConfigIn(BaseModel):
     """Body of ``PUT /api/config/{n}``; ``api_key`` may be omitted to keep the stored one."""
 
@@ -136,6 +145,7 @@ class ConfigIn(BaseModel):
     enabled: bool = True
     user_extensions: dict[str, str | None] = Field(default_factory=dict)
     timezone: str = DEFAULT_TIMEZONE
+    account_timezone: str | None = None
     internal_calls: bool = False
     external_phones: list[ExternalPhone] = Field(default_factory=list)
     smart_redirect: dict[str, Any] | None = None
@@ -169,12 +179,12 @@ class ConfigIn(BaseModel):
     @field_validator("timezone")
     @classmethod
     def _timezone(cls, value: str) -> str:
-        # OSError: a name too long for a file, or a directory of the zone database ("Europe").
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError, OSError):
-            raise ValueError(f"unknown timezone {value[:64]!r}") from None
-        return value
+        return _check_zone(value)
+
+    @field_validator("account_timezone")
+    @classmethod
+    def _account_timezone(cls, value: str | None) -> str | None:
+        return _check_zone(value) if value else None
 
     @field_validator("smart_redirect")
     @classmethod
@@ -197,6 +207,7 @@ async def save_config(
         "enabled": body.enabled,
         "user_extensions": body.user_extensions,
         "timezone": body.timezone,
+        "account_timezone": body.account_timezone,
         "internal_calls": body.internal_calls,
         "external_phones": [p.model_dump(by_alias=True) for p in body.external_phones],
     }

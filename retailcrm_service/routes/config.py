@@ -55,6 +55,7 @@ def public_view(config: RetailCrmConfig) -> dict[str, Any]:
         "client_id": config.client_id.masked if config.client_id is not None else None,
         "user_extensions": dict(config.user_extensions),
         "timezone": config.timezone,
+        "account_timezone": config.account_timezone,
         "internal_calls": config.internal_calls,
         "external_phones": [dict(p) for p in config.external_phones],
         "smart_redirect": dict(config.smart_redirect),

@@ -18,6 +18,7 @@ from retailcrm_service.app import create_app
 from retailcrm_service.sandbox import SandboxServer
 from retailcrm_service.settings import Secret, Settings
 from tests.support.pipeline import (
+    USER_EXTENSIONS,
     add_enterprise,
     expected_calls,
     fixture_events,
@@ -275,3 +276,52 @@ def test_bodies_postgresql_would_refuse_never_sink_a_transaction(
         assert bad.status_code == 400
         assert bad.json()["error"]["code"] == "invalid_json"
     assert asyncio.run(_count(database_url)) == 1
+
+
+def test_call_history_dates_follow_the_accounts_timezone_when_configured(
+    service: InProcessService, crm: SandboxServer, database_url: str
+) -> None:
+    """Host times are Minsk local; an account kept in Yekaterinburg (UTC+5) sees them +2 h."""
+    put = httpx.put(
+        f"{service.url}/api/config/0367",
+        json={
+            "domain": crm.url,
+            "enabled": True,
+            "user_extensions": USER_EXTENSIONS,
+            "account_timezone": "Asia/Yekaterinburg",
+        },
+        timeout=10,
+    )
+    assert put.status_code == 200, put.text
+    assert httpx.get(f"{service.url}/api/config/0367").json()["account_timezone"] == (
+        "Asia/Yekaterinburg"
+    )
+    refused = httpx.put(
+        f"{service.url}/api/config/0367",
+        json={"domain": crm.url, "account_timezone": "Mars/Olympus"},
+        timeout=10,
+    )
+    assert refused.status_code == 422
+    assert httpx.get(f"{service.url}/api/config/0367").json()["account_timezone"] == (
+        "Asia/Yekaterinburg"
+    )
+
+    hangup = {
+        "enterprise_number": "0367",
+        "event_type": "hangup",
+        "origin": "download",
+        "payload": {
+            "UniqueId": "1764140000.88",
+            "Phone": "+375291234568",
+            "Extensions": ["150"],
+            "CallType": 0,
+            "DateReceived": "2025-11-26 07:13:20",
+            "StartTime": "2025-11-26 07:13:25",
+            "EndTime": "2025-11-26 07:15:00",
+            "CallStatus": "2",
+        },
+    }
+    assert _post(service, hangup).json()["accepted"] == 1
+    asyncio.run(wait_drained(database_url))
+    (call,) = [c for c in _account(crm)["calls"] if c["externalId"] == "1764140000.88"]
+    assert call["date"] == "2025-11-26 09:13:20"  # DateReceived (the CDR start), +2 h
