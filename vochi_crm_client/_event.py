@@ -116,7 +116,8 @@ class CallEvent:
             self.enterprise_number
         ):
             raise ValueError(f"enterprise_number is invalid: {self.enterprise_number!r}")
-        if self.event_type not in EVENT_TYPES:
+        # isinstance first: a list or dict is unhashable, and must be a ValueError like any other.
+        if not isinstance(self.event_type, str) or self.event_type not in EVENT_TYPES:
             raise ValueError(
                 f"event_type must be one of {sorted(EVENT_TYPES)}, not {self.event_type!r}"
             )
@@ -142,7 +143,7 @@ class CallEvent:
         origin = self.origin
         if origin is None:
             return "download" if self.event_type == "download" else "live"
-        if origin not in ORIGINS:
+        if not isinstance(origin, str) or origin not in ORIGINS:
             raise ValueError(f"origin must be 'live' or 'download', not {origin!r}")
         if origin == "download" and self.event_type in POPUP_TYPES:
             raise ValueError("only hangups can be recovered (origin='download')")

@@ -143,6 +143,23 @@ def test_distinct_dial_tuples_never_share_a_key(
             },
             "ISO",
         ),
+        (
+            {"enterprise_number": "0367", "event_type": ["dial"], "call_unique_id": "1"},
+            "event_type",
+        ),
+        (
+            {"enterprise_number": "0367", "event_type": {"a": 1}, "call_unique_id": "1"},
+            "event_type",
+        ),
+        (
+            {
+                "enterprise_number": "0367",
+                "event_type": "hangup",
+                "call_unique_id": "1",
+                "origin": ["download"],
+            },
+            "origin",
+        ),
     ],
 )
 def test_invalid_events_raise_value_error_at_construction(kwargs: dict, message: str) -> None:
