@@ -150,12 +150,10 @@ class _Child:
                 raise DemoError(
                     f"{self.name} exited with {self.proc.returncode}; see {self.log_path}"
                 )
-            try:
+            with contextlib.suppress(httpx.HTTPError, ValueError):  # not listening yet
                 response = await http.get(self.url + self.ready_path, timeout=1.0)
                 if response.status_code < 500 or "status" in response.json():
                     return
-            except (httpx.HTTPError, ValueError):
-                pass
             await asyncio.sleep(0.2)
         raise DemoError(
             f"{self.name} did not answer within {wait_seconds:.0f}s; see {self.log_path}"
