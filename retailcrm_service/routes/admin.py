@@ -111,19 +111,14 @@ async def me(claims: auth.SessionDep) -> dict[str, Any]:
 
 @router.get("/retailcrm-admin/api/config/{enterprise_number}")
 async def admin_get_config(
-    enterprise_number: str,
-    runtime: RuntimeDep,
-    _: auth.AdminDep,
+    enterprise_number: str, runtime: RuntimeDep, claims: auth.AdminDep
 ) -> dict[str, Any]:
-    return config_routes.public_view(await config_routes.fresh_config(runtime, enterprise_number))
+    return await config_routes.get_config(enterprise_number, runtime, claims)
 
 
 @router.put("/retailcrm-admin/api/config/{enterprise_number}")
 async def admin_put_config(
-    enterprise_number: str,
-    request: Request,
-    runtime: RuntimeDep,
-    claims: auth.AdminDep,
+    enterprise_number: str, request: Request, runtime: RuntimeDep, claims: auth.AdminDep
 ) -> dict[str, Any]:
     return await config_routes.put_config(enterprise_number, request, runtime, claims)
 
@@ -151,26 +146,14 @@ async def register(
     """Register (or update) the enterprise's telephony module in RetailCRM."""
     config_routes.check_number(enterprise_number)
     config = await config_routes.fresh_config(runtime, enterprise_number)
-    if config.api_key is None or not config.domain or config.client_id is None:
+    if not config_routes.can_send_module(config):
         raise ApiError(
             409,
             "not_configured",
             config.api_key_error or "save a domain and API key before registering",
         )
-    version = await auth.current_version(runtime.pool, enterprise_number)
-    payload = module.build_module(
-        runtime.settings,
-        config,
-        account_url=auth.account_url(runtime.settings, enterprise_number, version=version),
-        active=True,
-    )
-    ok, result = await module.edit_module(
-        runtime.retailcrm(config),
-        payload,
-        logs=runtime.logs,
-        enterprise_number=enterprise_number,
-        event_type="register_module",
-        redact=config_routes._redactions(config),
+    ok, result = await config_routes.send_module(
+        runtime, config, active=True, event="register_module"
     )
     runtime.metrics.retailcrm_calls.labels("integration_module_edit", "ok" if ok else "error").inc()
     if not ok:
@@ -190,7 +173,7 @@ async def register(
             enterprise_number,
             module.module_state(active=True, ok=True, code=runtime.settings.module_code),
         )
-    await config_routes._refresh_cache(runtime, enterprise_number)
+    await config_routes.refresh_cache(runtime, enterprise_number)
     logger.info("admin.module_registered enterprise=%s", enterprise_number)
     return JSONResponse(
         {

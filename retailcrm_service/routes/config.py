@@ -73,7 +73,7 @@ async def fresh_config(runtime: Runtime, number: str) -> RetailCrmConfig:
     return config
 
 
-async def _refresh_cache(runtime: Runtime, number: str) -> None:
+async def refresh_cache(runtime: Runtime, number: str) -> None:
     # NOTIFY does it too; refreshing here makes this instance read its own writes at once.
     try:
         await runtime.configs.refresh(number)
@@ -121,7 +121,7 @@ async def put_config(
             fields={"api_key": "required on the first save and with a new domain"},
         ) from None
     logger.info("config.saved enterprise=%s enabled=%s", enterprise_number, body.enabled)
-    await _refresh_cache(runtime, enterprise_number)
+    await refresh_cache(runtime, enterprise_number)
     return public_view(await fresh_config(runtime, enterprise_number))
 
 
@@ -136,21 +136,9 @@ async def delete_config(
     config = await fresh_config(runtime, enterprise_number)
     deactivated: bool | None = None
     retailcrm_error: dict[str, Any] | None = None
-    if config.api_key is not None and config.domain and config.client_id is not None:
-        version = await auth.current_version(runtime.pool, enterprise_number)
-        payload = module.build_module(
-            runtime.settings,
-            config,
-            account_url=auth.account_url(runtime.settings, enterprise_number, version=version),
-            active=False,
-        )
-        deactivated, result = await module.edit_module(
-            runtime.retailcrm(config),
-            payload,
-            logs=runtime.logs,
-            enterprise_number=enterprise_number,
-            event_type="delete_module",
-            redact=_redactions(config),
+    if can_send_module(config):
+        deactivated, result = await send_module(
+            runtime, config, active=False, event="delete_module"
         )
         retailcrm_error = None if deactivated else result
     else:
@@ -170,7 +158,7 @@ async def delete_config(
         removed,
         deactivated,
     )
-    await _refresh_cache(runtime, enterprise_number)
+    await refresh_cache(runtime, enterprise_number)
     return {
         "enterprise_number": enterprise_number,
         "deleted": removed,
@@ -180,8 +168,32 @@ async def delete_config(
     }
 
 
-def _redactions(config: RetailCrmConfig) -> list[str]:
-    return [s.get_secret_value() for s in (config.api_key, config.client_id) if s is not None]
+def can_send_module(config: RetailCrmConfig) -> bool:
+    """A domain, a readable API key and a clientId: what sending the module needs."""
+    return config.api_key is not None and bool(config.domain) and config.client_id is not None
+
+
+async def send_module(
+    runtime: Runtime, config: RetailCrmConfig, *, active: bool, event: str
+) -> tuple[bool, dict[str, Any]]:
+    """Send the whole module (with a fresh account link) to RetailCRM, journalled as ``event``."""
+    number = config.enterprise_number
+    version = await auth.current_version(runtime.pool, number)
+    payload = module.build_module(
+        runtime.settings,
+        config,
+        account_url=auth.account_url(runtime.settings, number, version=version),
+        active=active,
+    )
+    redact = [s.get_secret_value() for s in (config.api_key, config.client_id) if s is not None]
+    return await module.edit_module(
+        runtime.retailcrm(config),
+        payload,
+        logs=runtime.logs,
+        enterprise_number=number,
+        event_type=event,
+        redact=redact,
+    )
 
 
 class TestIn(BaseModel):
