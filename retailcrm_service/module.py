@@ -4,9 +4,10 @@
 object of retailcrm-api.md §2 (code, integrationCode, active, name, SVG logo served by this
 service, baseUrl, clientId, accountUrl, ``integrations.telephony`` with makeCallUrl,
 changeUserStatusUrl, allowEdit=false, the three event flags, additionalCodes from
-``user_extensions`` and externalPhones). ``register_module`` / ``deactivate_module`` send it
-through ``integration-modules/{code}/edit`` and write the ``register_module`` / ``delete_module``
-rows of ``integration_logs``. ``check_access`` is the config test (``POST /api/config/{n}/test``).
+``user_extensions`` and externalPhones). ``edit_module`` sends it through
+``integration-modules/{code}/edit`` and writes the caller's ``register_module`` or
+``delete_module`` row of ``integration_logs``. ``check_access`` is the config test
+(``POST /api/config/{n}/test``).
 """
 
 from __future__ import annotations
