@@ -20,15 +20,12 @@ import json
 import os
 import secrets
 import statistics
-import sys
 import tempfile
 import timeit
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from retailcrm_service.db import migrate, with_database
 from vochi_crm_client import EnablementMatrix

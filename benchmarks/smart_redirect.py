@@ -39,13 +39,11 @@ import asyncpg
 import httpx
 import uvicorn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without an up-to-date editable install
-
-from retailcrm_service.app import create_app  # noqa: E402
-from retailcrm_service.db import embedded_database_url, migrate, with_database  # noqa: E402
-from retailcrm_service.sandbox import AsyncSandboxServer  # noqa: E402
-from retailcrm_service.settings import Secret, Settings  # noqa: E402
+from retailcrm_service.app import create_app
+from retailcrm_service.db import embedded_database_url, migrate, with_database
+from retailcrm_service.sandbox import AsyncSandboxServer
+from retailcrm_service.settings import Secret, Settings
+from retailcrm_service.smart_redirect import smart_redirect_component
 
 ENTERPRISE = "0367"
 TOKEN = f"bench-{secrets.token_hex(8)}"  # the enterprise's Asterisk token (name2)
@@ -108,8 +106,6 @@ async def seed(dsn: str, crm: AsyncSandboxServer, key: str) -> None:
 
 @contextlib.asynccontextmanager
 async def running(settings: Settings) -> AsyncIterator[str]:
-    from retailcrm_service.smart_redirect import smart_redirect_component
-
     app = create_app(settings, components=[("smart_redirect", smart_redirect_component)])
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False)
