@@ -4,39 +4,19 @@ answers, and click-to-call reaches a real sshd's recording ``asterisk`` stub."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
-import pytest
 
 from retailcrm_service.routes.callbacks import CallbackLimiter
 from retailcrm_service.sandbox import AsyncSandboxServer
-from tests.integration.test_smart_redirect import (
-    PHONE,
-    Stack,
-    account,
-    add_enterprise,
-    service,
-)
-from tests.support.sshd import SshServer
+from tests.support.crm_stack import PHONE, Stack, add_enterprise, sandbox, service
+from tests.support.sshd import SshServer, ssh_fixture, sshd_fixture  # noqa: F401
 from vochi_crm_client.testing import FakeClock
 
 MANAGER = {"id": 7, "firstName": "Ann", "lastName": "Lee", "status": "free"}
 CUSTOMER = {"id": 15, "firstName": "Ivan", "lastName": "Petrov"}
 ORIGINATE = "channel originate LOCAL/150@web-originate application Dial LOCAL/{}@inoffice"
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
-    with SshServer.start(tmp_path_factory.mktemp("sshd")) as server:
-        yield server
-
-
-@pytest.fixture
-def ssh(sshd: SshServer) -> SshServer:
-    sshd.reset()
-    return sshd
 
 
 async def register_module(crm: AsyncSandboxServer, stack: Stack, key: str, client_id: str) -> None:
@@ -79,9 +59,7 @@ async def test_click_to_call_from_retailcrm_reaches_asterisk_as_the_originate_co
     db: asyncpg.Connection, database_url: str, ssh: SshServer
 ) -> None:
     key = secrets.token_hex(16)
-    async with AsyncSandboxServer(
-        accounts=[account("acme", key, manager=MANAGER, customer=CUSTOMER)], rate_limit=False
-    ) as crm:
+    async with sandbox(key, manager=MANAGER, customer=CUSTOMER) as crm:
         client_id, _ = await setup(db, crm, key)
         async with service(database_url, ssh) as stack:
             await register_module(crm, stack, key, client_id)
@@ -106,9 +84,7 @@ async def test_unknown_client_id_gets_401_and_reaches_nothing(
     db: asyncpg.Connection, database_url: str, ssh: SshServer
 ) -> None:
     key = secrets.token_hex(16)
-    async with AsyncSandboxServer(
-        accounts=[account("acme", key, manager=MANAGER, customer=CUSTOMER)], rate_limit=False
-    ) as crm:
+    async with sandbox(key, manager=MANAGER, customer=CUSTOMER) as crm:
         await setup(db, crm, key)
         async with service(database_url, ssh) as stack:
             # The sandbox's module carries a clientId we never issued.
@@ -134,9 +110,7 @@ async def test_hostile_phone_in_a_click_is_refused_before_any_ssh(
     db: asyncpg.Connection, database_url: str, ssh: SshServer
 ) -> None:
     key = secrets.token_hex(16)
-    async with AsyncSandboxServer(
-        accounts=[account("acme", key, manager=MANAGER, customer=CUSTOMER)], rate_limit=False
-    ) as crm:
+    async with sandbox(key, manager=MANAGER, customer=CUSTOMER) as crm:
         client_id, _ = await setup(db, crm, key)
         async with service(database_url, ssh) as stack:
             bad_phone = await stack.http.get(
@@ -157,9 +131,7 @@ async def test_click_to_call_is_rate_limited_per_client_id(
     db: asyncpg.Connection, database_url: str, ssh: SshServer
 ) -> None:
     key = secrets.token_hex(16)
-    async with AsyncSandboxServer(
-        accounts=[account("acme", key, manager=MANAGER, customer=CUSTOMER)], rate_limit=False
-    ) as crm:
+    async with sandbox(key, manager=MANAGER, customer=CUSTOMER) as crm:
         client_id, _ = await setup(db, crm, key)
         async with service(database_url, ssh) as stack:
             clock = FakeClock()
@@ -181,9 +153,7 @@ async def test_status_changes_are_recorded_and_steer_smart_redirect(
     db: asyncpg.Connection, database_url: str
 ) -> None:
     key = secrets.token_hex(16)
-    async with AsyncSandboxServer(
-        accounts=[account("acme", key, manager=MANAGER, customer=CUSTOMER)], rate_limit=False
-    ) as crm:
+    async with sandbox(key, manager=MANAGER, customer=CUSTOMER) as crm:
         client_id, _ = await setup(db, crm, key)
         async with service(database_url) as stack:
             await register_module(crm, stack, key, client_id)
@@ -212,9 +182,7 @@ async def test_callbacks_of_a_disabled_integration_are_refused(
     db: asyncpg.Connection, database_url: str, ssh: SshServer
 ) -> None:
     key = secrets.token_hex(16)
-    async with AsyncSandboxServer(
-        accounts=[account("acme", key, manager=MANAGER, customer=CUSTOMER)], rate_limit=False
-    ) as crm:
+    async with sandbox(key, manager=MANAGER, customer=CUSTOMER) as crm:
         client_id, _ = await setup(db, crm, key)
         await db.execute(
             """UPDATE enterprises SET integrations_config = jsonb_set(

@@ -6,80 +6,16 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any
 
 import asyncpg
 import httpx
-import pytest
 
-from retailcrm_service.asterisk import AsteriskControl
 from retailcrm_service.sandbox import AsyncSandboxServer, mask
-from retailcrm_service.smart_redirect import SmartRedirect, smart_redirect_component
-from tests.support.pg import create_enterprise
-from tests.support.service import RunningService, running_service, service_settings
-from tests.support.sshd import SshServer
+from tests.support.crm_stack import PHONE, Stack, account, add_enterprise, sandbox, service
+from tests.support.sshd import SshServer, ssh_fixture, sshd_fixture  # noqa: F401
 from tests.unit.test_dialplan import macro_cut
 
-PHONE = "+375291234567"
 TRUNK = "0001363"
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
-    with SshServer.start(tmp_path_factory.mktemp("sshd")) as server:
-        yield server
-
-
-@pytest.fixture
-def ssh(sshd: SshServer) -> SshServer:
-    sshd.reset()
-    return sshd
-
-
-def account(name: str, key: str, *, manager: dict[str, Any], customer: dict[str, Any]) -> dict:
-    return {
-        "name": name,
-        "api_key": key,
-        "demo": False,
-        "users": [manager],
-        "customers": [{**customer, "managerId": manager["id"], "phones": [PHONE]}],
-    }
-
-
-async def add_enterprise(
-    db: asyncpg.Connection,
-    number: str,
-    crm: AsyncSandboxServer,
-    key: str,
-    *,
-    extensions: dict[str, str],
-    smart: dict[str, Any] | None = None,
-    client_id: str | None = None,
-) -> dict[str, Any]:
-    row = await create_enterprise(
-        db,
-        number,
-        integrations={
-            "retailcrm": {
-                "enabled": True,
-                "domain": crm.url,
-                "api_key": key,
-                "user_extensions": extensions,
-                "clientId": client_id or secrets.token_urlsafe(32),
-                "smart_redirect": smart or {},
-            }
-        },
-    )
-    for ext in extensions.values():
-        await db.execute(
-            "INSERT INTO user_internal_phones (phone_number, enterprise_number) VALUES ($1, $2)",
-            ext,
-            number,
-        )
-    return row
 
 
 async def internal_phone_id(db: asyncpg.Connection, number: str, ext: str) -> int:
@@ -90,41 +26,6 @@ async def internal_phone_id(db: asyncpg.Connection, number: str, ext: str) -> in
     )
     assert value is not None
     return int(value)
-
-
-@dataclass
-class Stack:
-    svc: RunningService
-    http: httpx.AsyncClient
-
-    async def settle_jobs(self) -> None:
-        """Wait for background SSH jobs to finish, then for their journal rows to be stored."""
-        asterisk = self.svc.runtime.components.get("asterisk")
-        for _ in range(400):
-            if asterisk is None or not asterisk.stats()["background_jobs"]:
-                break
-            await asyncio.sleep(0.025)
-        await self.svc.runtime.logs.flush()
-
-    @property
-    def smart(self) -> SmartRedirect:
-        smart = self.svc.runtime.components["smart_redirect"]
-        assert isinstance(smart, SmartRedirect)
-        return smart
-
-
-@asynccontextmanager
-async def service(database_url: str, ssh: SshServer | None = None) -> AsyncIterator[Stack]:
-    components: list[Any] = []
-    if ssh is not None:
-        components.append(("asterisk", lambda runtime: AsteriskControl(settings=ssh.settings())))
-    components.append(("smart_redirect", smart_redirect_component))
-    settings = service_settings(database_url)
-    async with (
-        running_service(settings, components=components) as svc,
-        httpx.AsyncClient(base_url=svc.url, timeout=10) as http,
-    ):
-        yield Stack(svc, http)
 
 
 async def getcustomerdata(stack: Stack, token: str, phone: str = PHONE) -> httpx.Response:
@@ -143,9 +44,7 @@ async def test_dialplan_reply_names_the_managers_context_and_survives_the_macro(
     db: asyncpg.Connection, database_url: str
 ) -> None:
     key = secrets.token_hex(16)
-    async with AsyncSandboxServer(
-        accounts=[account("acme", key, manager=MANAGER, customer=CUSTOMER)], rate_limit=False
-    ) as crm:
+    async with sandbox(key, manager=MANAGER, customer=CUSTOMER) as crm:
         row = await add_enterprise(db, "0367", crm, key, extensions={"7": "150"})
         phone_id = await internal_phone_id(db, "0367", "150")
         async with service(database_url) as stack:
@@ -164,9 +63,7 @@ async def test_smart_redirect_reply_sanitises_the_managers_name(
     db: asyncpg.Connection, database_url: str
 ) -> None:
     key = secrets.token_hex(16)
-    async with AsyncSandboxServer(
-        accounts=[account("acme", key, manager=MANAGER, customer=CUSTOMER)], rate_limit=False
-    ) as crm:
+    async with sandbox(key, manager=MANAGER, customer=CUSTOMER) as crm:
         await add_enterprise(db, "0367", crm, key, extensions={"7": "150"})
         async with service(database_url) as stack:
             reply = await stack.http.post(
@@ -188,9 +85,7 @@ async def test_slow_retailcrm_fails_open_within_the_deadline_then_the_answer_is_
     db: asyncpg.Connection, database_url: str
 ) -> None:
     key = secrets.token_hex(16)
-    async with AsyncSandboxServer(
-        accounts=[account("acme", key, manager=MANAGER, customer=CUSTOMER)], rate_limit=False
-    ) as crm:
+    async with sandbox(key, manager=MANAGER, customer=CUSTOMER) as crm:
         row = await add_enterprise(db, "0367", crm, key, extensions={"7": "150"})
         await crm.control.add_fault(endpoint="telephony/manager", mode="latency", latency_ms=2000)
         async with service(database_url) as stack:
@@ -236,9 +131,7 @@ async def test_redirect_mode_moves_the_channel_in_the_background_and_journals_it
     db: asyncpg.Connection, database_url: str, ssh: SshServer
 ) -> None:
     key = secrets.token_hex(16)
-    async with AsyncSandboxServer(
-        accounts=[account("acme", key, manager=MANAGER, customer=CUSTOMER)], rate_limit=False
-    ) as crm:
+    async with sandbox(key, manager=MANAGER, customer=CUSTOMER) as crm:
         await add_enterprise(
             db, "0367", crm, key, extensions={"7": "150"}, smart={"redirect_channel": True}
         )
@@ -268,9 +161,7 @@ async def test_redirect_is_skipped_unless_the_enterprise_enables_it(
     db: asyncpg.Connection, database_url: str, ssh: SshServer
 ) -> None:
     key = secrets.token_hex(16)
-    async with AsyncSandboxServer(
-        accounts=[account("acme", key, manager=MANAGER, customer=CUSTOMER)], rate_limit=False
-    ) as crm:
+    async with sandbox(key, manager=MANAGER, customer=CUSTOMER) as crm:
         await add_enterprise(db, "0367", crm, key, extensions={"7": "150"})
         async with service(database_url, ssh) as stack:
             reply = await stack.http.post(
@@ -283,9 +174,7 @@ async def test_redirect_is_skipped_unless_the_enterprise_enables_it(
 
 async def test_bad_requests_get_clear_errors(db: asyncpg.Connection, database_url: str) -> None:
     key = secrets.token_hex(16)
-    async with AsyncSandboxServer(
-        accounts=[account("acme", key, manager=MANAGER, customer=CUSTOMER)], rate_limit=False
-    ) as crm:
+    async with sandbox(key, manager=MANAGER, customer=CUSTOMER) as crm:
         await add_enterprise(db, "0367", crm, key, extensions={"7": "150"})
         async with service(database_url) as stack:
             hostile = await stack.http.post(
@@ -311,9 +200,7 @@ async def test_the_dialplan_token_may_be_name2_secret_or_number(
     db: asyncpg.Connection, database_url: str
 ) -> None:
     key = secrets.token_hex(16)
-    async with AsyncSandboxServer(
-        accounts=[account("acme", key, manager=MANAGER, customer=CUSTOMER)], rate_limit=False
-    ) as crm:
+    async with sandbox(key, manager=MANAGER, customer=CUSTOMER) as crm:
         row = await add_enterprise(db, "0367", crm, key, extensions={"7": "150"})
         async with service(database_url) as stack:
             replies = [

@@ -10,6 +10,10 @@ The stub ``asterisk`` appends its argv as one JSON line to ``calls.jsonl`` and a
 Asterisk's CLI: canned text for ``core show channels concise``, a success line for
 ``channel redirect``, nothing for ``channel originate``, a short description for
 ``core show channel``.
+
+A test module shares one server between its tests by importing the two fixtures:
+``from tests.support.sshd import ssh_fixture, sshd_fixture  # noqa: F401`` and asking for
+``ssh`` (the module's server, its recorded calls and canned behaviour reset for each test).
 """
 
 from __future__ import annotations
@@ -22,13 +26,16 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import asyncssh
+import pytest
 
 from retailcrm_service.asterisk import AsteriskSettings
+from tests.support.procs import free_port
 
 SSHD = "/usr/sbin/sshd"
 
@@ -87,12 +94,6 @@ LogLevel VERBOSE
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _write_private(key: asyncssh.SSHKey, path: Path) -> None:
     key.write_private_key(str(path))
     path.chmod(0o600)
@@ -128,7 +129,7 @@ class SshServer:
         server = cls(Path(directory))
         server._prepare()
         for _attempt in range(5):
-            if server._launch(_free_port()):
+            if server._launch(free_port()):
                 return server
         raise RuntimeError(f"sshd did not start: {server.log_text()[-2000:]}")
 
@@ -255,3 +256,17 @@ def _current_user() -> str:
     import pwd
 
     return pwd.getpwuid(os.geteuid()).pw_name
+
+
+@pytest.fixture(scope="module", name="sshd")
+def sshd_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
+    """One sshd for the whole test module (starting one takes a while)."""
+    with SshServer.start(tmp_path_factory.mktemp("sshd")) as server:
+        yield server
+
+
+@pytest.fixture(name="ssh")
+def ssh_fixture(sshd: SshServer) -> SshServer:
+    """The module's sshd with nothing recorded or canned yet."""
+    sshd.reset()
+    return sshd
