@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from retailcrm_service.sandbox import AsyncSandboxServer, SandboxServer
+from tests.support.procs import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -227,19 +228,13 @@ def test_threaded_server_control_api_seed_faults_settings_reset() -> None:
         http.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _cli() -> list[str]:
     script = Path(sys.executable).with_name("retailcrm-service")
     return [str(script)] if script.exists() else [sys.executable, "-m", "retailcrm_service"]
 
 
 def test_cli_sandbox_prints_the_demo_key_and_serves_its_state() -> None:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [*_cli(), "sandbox", "--port", str(port), "--no-rate-limit"],
         stdout=subprocess.PIPE,
