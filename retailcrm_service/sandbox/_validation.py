@@ -6,8 +6,9 @@ Field errors use Symfony's default messages, keyed by field path like RetailCRM'
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 BLANK = "This value should not be blank."
@@ -39,6 +40,7 @@ _TELEPHONY_BOOLS = (
 _TELEPHONY_URLS = ("makeCallUrl", "changeUserStatusUrl")
 
 Errors = dict[str, str]
+T = TypeVar("T")
 
 
 def _blank(value: Any) -> bool:
@@ -76,41 +78,58 @@ def _check_url(obj: dict[str, Any], name: str, path: str, errors: Errors) -> Non
         errors[path] = NOT_URL
 
 
-def _additional_codes(value: Any, errors: Errors) -> list[dict[str, Any]]:
-    base = "integrations[telephony][additionalCodes]"
-    if not isinstance(value, list):
-        errors[base] = NOT_ARRAY
-        return []
+def _list(value: Any, path: str, errors: Errors) -> list[Any]:
+    """The items of a list field; anything else is an error and has none."""
+    if isinstance(value, list):
+        return value
+    errors[path] = NOT_ARRAY
+    return []
+
+
+def _objects(value: Any, path: str, errors: Errors) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(path of the item, item) for each object in a list field; other items are errors."""
+    for index, item in enumerate(_list(value, path, errors)):
+        if isinstance(item, dict):
+            yield f"{path}[{index}]", item
+        else:
+            errors[f"{path}[{index}]"] = NOT_OBJECT
+
+
+def _scalars(
+    value: Any, path: str, errors: Errors, convert: Callable[[Any], T | None], error: str
+) -> list[T]:
+    """A list of strings or ints (absent: empty); an item ``convert`` refuses is an error."""
     result = []
-    for index, item in enumerate(value):
-        if not isinstance(item, dict):
-            errors[f"{base}[{index}]"] = NOT_OBJECT
-            continue
+    for index, item in enumerate([] if value is None else _list(value, path, errors)):
+        converted = convert(item)
+        if converted is None:
+            errors[f"{path}[{index}]"] = error
+        else:
+            result.append(converted)
+    return result
+
+
+def _additional_codes(value: Any, errors: Errors) -> list[dict[str, Any]]:
+    result = []
+    for at, item in _objects(value, "integrations[telephony][additionalCodes]", errors):
         user_id = as_int(item.get("userId"))
         code = _string(item.get("code"))
         if user_id is None:
-            errors[f"{base}[{index}][userId]"] = NOT_INT
+            errors[f"{at}[userId]"] = NOT_INT
         if code is None or not code.strip():
-            errors[f"{base}[{index}][code]"] = BLANK
+            errors[f"{at}[code]"] = BLANK
         if user_id is not None and code:
             result.append({"userId": user_id, "code": code})
     return result
 
 
 def _external_phones(value: Any, errors: Errors) -> list[dict[str, str]]:
-    base = "integrations[telephony][externalPhones]"
-    if not isinstance(value, list):
-        errors[base] = NOT_ARRAY
-        return []
     result = []
-    for index, item in enumerate(value):
-        if not isinstance(item, dict):
-            errors[f"{base}[{index}]"] = NOT_OBJECT
-            continue
+    for at, item in _objects(value, "integrations[telephony][externalPhones]", errors):
         site, phone = _string(item.get("siteCode")), _string(item.get("externalPhone"))
         for name, val in (("siteCode", site), ("externalPhone", phone)):
             if _blank(val):
-                errors[f"{base}[{index}][{name}]"] = BLANK
+                errors[f"{at}[{name}]"] = BLANK
         if site and phone:
             result.append({"siteCode": site, "externalPhone": phone})
     return result
@@ -190,38 +209,6 @@ def validate_module(raw: Any, path_code: str) -> tuple[dict[str, Any], Errors]:
     return module, errors
 
 
-def _string_list(value: Any, path: str, errors: Errors) -> list[str]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        errors[path] = NOT_ARRAY
-        return []
-    result = []
-    for index, item in enumerate(value):
-        text = _string(item)
-        if text is None:
-            errors[f"{path}[{index}]"] = NOT_STRING
-        else:
-            result.append(text)
-    return result
-
-
-def _int_list(value: Any, path: str, errors: Errors) -> list[int]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        errors[path] = NOT_ARRAY
-        return []
-    result = []
-    for index, item in enumerate(value):
-        number = as_int(item)
-        if number is None:
-            errors[f"{path}[{index}]"] = NOT_INT
-        else:
-            result.append(number)
-    return result
-
-
 def validate_event(raw: Any) -> tuple[dict[str, Any], Errors]:
     """Clean a ``telephony/call/event`` ``event`` object."""
     if not isinstance(raw, dict):
@@ -237,8 +224,8 @@ def validate_event(raw: Any) -> tuple[dict[str, Any], Errors]:
     elif raw["type"] not in EVENT_TYPES:
         errors["type"] = CHOICE
     event["type"] = raw.get("type")
-    event["codes"] = _string_list(raw.get("codes"), "codes", errors)
-    event["userIds"] = _int_list(raw.get("userIds"), "userIds", errors)
+    event["codes"] = _scalars(raw.get("codes"), "codes", errors, _string, NOT_STRING)
+    event["userIds"] = _scalars(raw.get("userIds"), "userIds", errors, as_int, NOT_INT)
     if raw.get("hangupStatus") is not None:
         if raw["hangupStatus"] not in HANGUP_STATUSES:
             errors["hangupStatus"] = CHOICE
