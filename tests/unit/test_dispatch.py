@@ -28,6 +28,25 @@ def ok(events: list[dict[str, Any]]) -> httpx.Response:
     return httpx.Response(202, json={"accepted": len(events), "duplicates": 0, "rejected": []})
 
 
+def refused() -> httpx.Response:
+    raise httpx.ConnectError("refused")
+
+
+def unavailable() -> httpx.Response:
+    return httpx.Response(503)
+
+
+class Outage:
+    """A handler that answers with ``failure()`` until ``up`` is set, then accepts everything."""
+
+    def __init__(self, failure: Callable[[], httpx.Response]) -> None:
+        self.failure = failure
+        self.up = False
+
+    def __call__(self, events: list[dict[str, Any]]) -> httpx.Response:
+        return ok(events) if self.up else self.failure()
+
+
 class Target:
     """A scripted receiver: records every POST's events, answers with the current handler."""
 
@@ -262,14 +281,8 @@ async def test_connect_errors_and_timeouts_are_retried() -> None:
 
 async def test_history_survives_an_outage_and_the_breaker_paces_the_probes() -> None:
     clock = FakeClock()
-    state = {"up": False}
-
-    def handler(events: list[dict[str, Any]]) -> httpx.Response:
-        if not state["up"]:
-            raise httpx.ConnectError("refused")
-        return ok(events)
-
-    target = Target(handler)
+    outage = Outage(refused)
+    target = Target(outage)
     breaker = BreakerConfig(consecutive_failures=3, open_base=5.0, open_max=20.0, open_jitter=0.0)
     async with sender_for(target, clock, linger=0, breaker=breaker) as sender:
         for i in range(5):
@@ -281,7 +294,7 @@ async def test_history_survives_an_outage_and_the_breaker_paces_the_probes() -> 
         assert stats["queued"] == 5
         # Open periods of 5, 10, 20, 20, ... s: a handful of probes, not a hot loop.
         assert attempts_while_down < 20
-        state["up"] = True
+        outage.up = True
         await clock.run_for(30, step=0.5)
         assert sender.stats()["delivered"] == 5
         assert sender.stats()["breaker"]["state"] != "open"
@@ -292,14 +305,8 @@ async def test_history_survives_an_outage_and_the_breaker_paces_the_probes() -> 
 
 async def test_stale_popups_expire_while_the_target_is_down() -> None:
     clock = FakeClock()
-    state = {"up": False}
-
-    def handler(events: list[dict[str, Any]]) -> httpx.Response:
-        if not state["up"]:
-            return httpx.Response(503)
-        return ok(events)
-
-    target = Target(handler)
+    outage = Outage(unavailable)
+    target = Target(outage)
     async with sender_for(target, clock, linger=0, popup_ttl=30.0) as sender:
         sender.put(ev("dial", "1.1"))
         sender.put(ev("bridge", "1.1"))
@@ -307,7 +314,7 @@ async def test_stale_popups_expire_while_the_target_is_down() -> None:
         sender.put(ev("hangup", "1.3"))
         await clock.run_for(31, step=0.5)
         assert sender.stats()["dropped"]["expired"] == 3
-        state["up"] = True
+        outage.up = True
         await clock.run_for(30, step=0.5)
         delivered_after = [k for post in target.posts[-1:] for k in [e["event_type"] for e in post]]
         assert delivered_after == ["hangup"]
@@ -316,19 +323,15 @@ async def test_stale_popups_expire_while_the_target_is_down() -> None:
 
 async def test_the_hangup_supersedes_queued_and_in_flight_popups() -> None:
     clock = FakeClock()
-    state = {"up": False}
-
-    def handler(events: list[dict[str, Any]]) -> httpx.Response:
-        return ok(events) if state["up"] else httpx.Response(503)
-
-    target = Target(handler)
+    outage = Outage(unavailable)
+    target = Target(outage)
     async with sender_for(target, clock, linger=0, batch_max=2) as sender:
         sender.put(ev("dial", "1.1"))
         sender.put(ev("bridge", "1.1"))  # these two are in flight (retrying)
         sender.put(ev("dial", "1.1", Extensions=["150", "151"]))  # this one is queued
         await settle()
         sender.put(ev("hangup", "1.1"))
-        state["up"] = True
+        outage.up = True
         await clock.run_for(10, step=0.1)
         stats = sender.stats()
         assert stats["dropped"]["superseded"] == 3
@@ -417,20 +420,14 @@ async def test_one_event_the_target_chokes_on_does_not_hold_the_others_back() ->
 
 async def test_an_unreachable_target_keeps_the_batch_whole_and_in_order() -> None:
     clock = FakeClock()
-    state = {"up": False}
-
-    def handler(events: list[dict[str, Any]]) -> httpx.Response:
-        if not state["up"]:
-            raise httpx.ConnectError("refused")
-        return ok(events)
-
-    target = Target(handler)
+    outage = Outage(refused)
+    target = Target(outage)
     breaker = BreakerConfig(consecutive_failures=50, min_calls=50)
     async with sender_for(target, clock, linger=0, breaker=breaker) as sender:
         for i in range(6):
             sender.put(ev("hangup", f"1.{i}"))
         await clock.run_for(5, step=0.05)
         assert {len(p) for p in target.posts} == {6}
-        state["up"] = True
+        outage.up = True
         await clock.run_for(5, step=0.05)
         assert [e["call_unique_id"] for e in target.posts[-1]] == [f"1.{i}" for i in range(6)]
