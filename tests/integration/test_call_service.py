@@ -14,8 +14,9 @@ import httpx
 import pytest
 
 from adapters.call_service import CallServiceSettings, create_app
-from tests.integration._servers import RecordingReceiver, ThreadedServer
+from tests.integration._servers import RecordingReceiver
 from tests.support.pg import create_enterprise
+from tests.support.procs import ThreadedServer
 
 FIXTURES = Path("/work/shared/fixtures/asterisk-calls.jsonl")
 if not FIXTURES.exists():

@@ -17,8 +17,9 @@ import httpx
 import pytest
 
 from adapters.call_service import CallServiceSettings, create_app
-from tests.integration._servers import RecordingReceiver, ThreadedServer
+from tests.integration._servers import RecordingReceiver
 from tests.support.pg import create_enterprise
+from tests.support.procs import ThreadedServer
 from vochi_crm_client._client import CrmClient
 from vochi_crm_client._config import BreakerConfig
 from vochi_crm_client._event import CallEvent

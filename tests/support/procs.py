@@ -10,11 +10,15 @@
 
 Every process binds a free 127.0.0.1 port chosen at construction, gets ``DATABASE_URL`` and the
 env given, and writes its output to a log file (``proc.log_path``) shown when a start fails.
-``InProcessService`` runs ``create_app(settings)`` under uvicorn in a thread (integration tests).
+``ThreadedServer`` runs any ASGI app under uvicorn in a thread with its own event loop, on a port
+it picked free; it can go down and come back on the same port (while down, the port stays bound
+but not listening, so connections are refused and no other process can take it).
+``InProcessService`` is one running ``create_app(settings)`` with its lifespan.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -24,16 +28,18 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import httpx
+import uvicorn
 
 VENV_BIN = Path(sys.executable).parent
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 30.0
+ASGIApp = Callable[..., Any]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -198,55 +204,80 @@ class ServiceProcess:
         self.stop()
 
 
-class InProcessService:
+def _bound_socket(port: int = 0, *, listen: bool = True) -> socket.socket:
+    # proto=IPPROTO_TCP: asyncio then sets TCP_NODELAY on accepted sockets (no 40 ms Nagle stalls).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    if listen:
+        sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+class ThreadedServer:
+    """uvicorn in a background thread; ``stop()`` / ``start()`` keep the same port."""
+
+    def __init__(self, app: ASGIApp, *, lifespan: str = "auto") -> None:
+        self.app = app
+        self.lifespan = lifespan
+        self._placeholder: socket.socket | None = _bound_socket(listen=False)
+        self.port: int = self._placeholder.getsockname()[1]
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        assert self._server is None, "already running"
+        if self._placeholder is not None:
+            self._placeholder.close()
+            self._placeholder = None
+        sock = _bound_socket(self.port)
+        config = uvicorn.Config(
+            self.app, log_level="warning", lifespan=self.lifespan, access_log=False
+        )
+        server = uvicorn.Server(config)
+        self._server = server
+        self._thread = threading.Thread(
+            target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+
+    def stop(self, *, hold_port: bool = True) -> None:
+        """Shut down (draining open requests); with ``hold_port``, keep the port refused."""
+        if self._server is None:
+            return
+        self._server.should_exit = True
+        assert self._thread is not None
+        self._thread.join(30)
+        self._server = None
+        if hold_port:
+            self._placeholder = _bound_socket(self.port, listen=False)
+
+    def close(self) -> None:
+        self.stop(hold_port=False)
+        if self._placeholder is not None:
+            self._placeholder.close()
+            self._placeholder = None
+
+    def __enter__(self) -> ThreadedServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class InProcessService(ThreadedServer):
     """``create_app(settings)`` under uvicorn in a thread, on a free port (integration tests)."""
 
     def __init__(self, app: Any) -> None:
-        import uvicorn
-
-        self.app = app
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", 0))
-        self.port = int(self._sock.getsockname()[1])
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
-        self._server = uvicorn.Server(config)
-        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> InProcessService:
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + START_TIMEOUT
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the service did not start")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=START_TIMEOUT)
-        self._sock.close()
-
-
-@contextlib.contextmanager
-def running(*procs: ServiceProcess) -> Iterator[tuple[ServiceProcess, ...]]:
-    """Start several processes; stop them all on exit, whatever happened."""
-    started: list[ServiceProcess] = []
-    try:
-        for proc in procs:
-            started.append(proc.start())
-        yield procs
-    finally:
-        for proc in reversed(started):
-            proc.stop()
+        super().__init__(app, lifespan="on")
