@@ -3,40 +3,31 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
 from retailcrm_service.db import migrate
-from tests.e2e.test_pipeline import ACCOUNT, FAST_ENV, post_events, sandbox_state
 from tests.support.pg import EmbeddedPostgres
-from tests.support.pipeline import add_enterprise, prepare_sandbox, run_async, wait_drained
+from tests.support.pipeline import (  # noqa: F401  (api_key, crm, enterprise: pytest fixtures)
+    ACCOUNT,
+    FAST_ENV,
+    add_enterprise,
+    api_key_fixture,
+    crm_fixture,
+    enterprise_fixture,
+    post_events,
+    prepare_sandbox,
+    run_async,
+    sandbox_state,
+    wait_drained,
+)
 from tests.support.procs import ServiceProcess
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def api_key() -> str:
-    return secrets.token_hex(16)
-
-
-@pytest.fixture
-def crm(api_key: str) -> Iterator[ServiceProcess]:
-    with ServiceProcess.sandbox(api_keys=[api_key]) as proc:
-        prepare_sandbox(proc.url, api_key, account=ACCOUNT)
-        yield proc
-
-
-@pytest.fixture
-def enterprise(database_url: str, crm: ServiceProcess, api_key: str) -> str:
-    run_async(add_enterprise, database_url, crm.url, api_key)
-    return "0367"
 
 
 def call_events(n: int, *, prefix: str = "17641", live: bool = True) -> list[dict[str, Any]]:

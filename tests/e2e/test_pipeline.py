@@ -7,62 +7,27 @@ contract's ``{"events": [...]}`` batches straight to the service (as the call se
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.support.pipeline import (
-    add_enterprise,
+from tests.support.pipeline import (  # noqa: F401  (api_key, crm, enterprise: pytest fixtures)
+    ACCOUNT,
+    FAST_ENV,
+    api_key_fixture,
+    crm_fixture,
+    enterprise_fixture,
     expected_calls,
     fixture_events,
     fixture_records,
-    prepare_sandbox,
+    post_events,
     run_async,
+    sandbox_state,
     wait_drained,
 )
 from tests.support.procs import ServiceProcess
-
-ACCOUNT = "account-1"
-FAST_ENV = {
-    "RETAILCRM_DELIVERY_POLL_INTERVAL": "0.1",
-    "RETAILCRM_OUTBOX_LEASE_SECONDS": "3",
-    "RETAILCRM_OUTBOX_RETRY_CAP": "3",
-    "RETAILCRM_DELIVERY_BREAKER_OPEN_MAX": "3",
-}
-
-
-@pytest.fixture
-def api_key() -> str:
-    return secrets.token_hex(16)
-
-
-@pytest.fixture
-def crm(api_key: str) -> Iterator[ServiceProcess]:
-    with ServiceProcess.sandbox(api_keys=[api_key]) as proc:
-        prepare_sandbox(proc.url, api_key, account=ACCOUNT)
-        yield proc
-
-
-@pytest.fixture
-def enterprise(database_url: str, crm: ServiceProcess, api_key: str) -> str:
-    run_async(add_enterprise, database_url, crm.url, api_key)
-    return "0367"
-
-
-def sandbox_state(crm: ServiceProcess) -> dict[str, Any]:
-    return httpx.get(crm.url + "/_sandbox/state", timeout=10).json()  # type: ignore[no-any-return]
-
-
-def post_events(service: ServiceProcess, events: list[dict[str, Any]], batch: int = 4) -> None:
-    for start in range(0, len(events), batch):
-        response = httpx.post(
-            service.url + "/api/events", json={"events": events[start : start + batch]}, timeout=10
-        )
-        assert response.status_code == 202, response.text
 
 
 @pytest.mark.slow

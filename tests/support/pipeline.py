@@ -1,16 +1,23 @@
 """Shared setup for pipeline tests: the fixture calls as contract events, a sandbox account wired
-to an enterprise, and waiting for the outbox to drain."""
+to an enterprise, and waiting for the outbox to drain; for the end-to-end tests, the pytest
+fixtures ``api_key``, ``crm`` (the sandbox process) and ``enterprise`` (import
+``api_key_fixture, crm_fixture, enterprise_fixture``)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
+import pytest
+
+from tests.support.procs import ServiceProcess
 
 FIXTURES = Path("/work/shared/fixtures/asterisk-calls.jsonl")
 _LOCAL = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "asterisk-calls.jsonl"
@@ -165,3 +172,47 @@ def expected_calls() -> dict[str, dict[str, Any]]:
         "1764150200.310": {"type": "out", "result": "answered", "code": "151", "userId": 20},
         "1764140000.77": {"type": "in", "result": "answered", "duration": 95},
     }
+
+
+# -- end-to-end: real processes (fixtures imported by the e2e pipeline and fault tests) --
+
+ACCOUNT = "account-1"
+FAST_ENV = {
+    "RETAILCRM_DELIVERY_POLL_INTERVAL": "0.1",
+    "RETAILCRM_OUTBOX_LEASE_SECONDS": "3",
+    "RETAILCRM_OUTBOX_RETRY_CAP": "3",
+    "RETAILCRM_DELIVERY_BREAKER_OPEN_MAX": "3",
+}
+
+
+@pytest.fixture(name="api_key")
+def api_key_fixture() -> str:
+    """A fresh RetailCRM API key."""
+    return secrets.token_hex(16)
+
+
+@pytest.fixture(name="crm")
+def crm_fixture(api_key: str) -> Iterator[ServiceProcess]:
+    """The sandbox as a process, its ``ACCOUNT`` seeded and the telephony module registered."""
+    with ServiceProcess.sandbox(api_keys=[api_key]) as proc:
+        prepare_sandbox(proc.url, api_key, account=ACCOUNT)
+        yield proc
+
+
+@pytest.fixture(name="enterprise")
+def enterprise_fixture(database_url: str, crm: ServiceProcess, api_key: str) -> str:
+    """The enterprise ``ENTERPRISE`` wired to the sandbox account."""
+    run_async(add_enterprise, database_url, crm.url, api_key)
+    return ENTERPRISE
+
+
+def sandbox_state(crm: ServiceProcess) -> dict[str, Any]:
+    return httpx.get(crm.url + "/_sandbox/state", timeout=10).json()  # type: ignore[no-any-return]
+
+
+def post_events(service: ServiceProcess, events: list[dict[str, Any]], batch: int = 4) -> None:
+    for start in range(0, len(events), batch):
+        response = httpx.post(
+            service.url + "/api/events", json={"events": events[start : start + batch]}, timeout=10
+        )
+        assert response.status_code == 202, response.text
