@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -12,7 +11,6 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg
 import httpx
 import jwt
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -20,7 +18,7 @@ from starlette.routing import Route
 
 from retailcrm_service.sandbox import AsyncSandboxServer
 from tests.support.pg import create_enterprise
-from tests.support.service import running_service, service_settings
+from tests.support.service import running_service, service_settings, serving
 
 PUBLIC = "https://pbx.example.by"
 
@@ -48,17 +46,8 @@ class Recorder:
 async def recording_server() -> AsyncIterator[tuple[str, Recorder]]:
     recorder = Recorder()
     app = Starlette(routes=[Route("/{path:path}", recorder.handle, methods=["GET", "POST"])])
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
-    task = asyncio.get_running_loop().create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}", recorder
-    finally:
-        server.should_exit = True
-        await task
+    async with serving(app) as url:
+        yield url, recorder
 
 
 CONFIG = {

@@ -13,10 +13,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import anyio
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -24,6 +22,7 @@ from starlette.routing import Route
 
 from retailcrm_service.sandbox import AsyncSandboxServer, SandboxServer
 from tests.support.procs import free_port
+from tests.support.service import serving
 
 pytestmark = pytest.mark.anyio
 
@@ -54,18 +53,8 @@ class Receiver:
 @pytest.fixture
 async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
     target = Receiver()
-    sock = socket.socket()
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # else ~40 ms per request
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(target.app, log_level="warning", access_log=False, lifespan="off")
-    server = uvicorn.Server(config)
-    async with anyio.create_task_group() as group:
-        group.start_soon(server.serve, [sock])
-        while not server.started:  # uvicorn exposes only a flag
-            await anyio.sleep(0.005)
-        yield target, f"http://127.0.0.1:{sock.getsockname()[1]}"
-        server.should_exit = True
-    sock.close()
+    async with serving(target.app, lifespan="off") as url:
+        yield target, url
 
 
 def module(base: str) -> dict[str, Any]:

@@ -7,7 +7,7 @@
         svc.runtime.configs, svc.runtime.logs ...
 
 ``components`` is passed to ``create_app`` (default: none, so tests of one area do not start
-another area's workers).
+another area's workers). ``serving(app)`` does the same for any ASGI app (a stand-in CRM).
 """
 
 from __future__ import annotations
@@ -56,30 +56,36 @@ class RunningService:
 
 
 @asynccontextmanager
-async def running_service(
-    settings: Settings, *, components: Sequence[tuple[str, ComponentFactory]] = ()
-) -> AsyncIterator[RunningService]:
-    app = create_app(settings, components=components)
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=0,
-        log_level="warning",
-        access_log=False,
-        proxy_headers=False,
-        lifespan="on",
-    )
-    server = uvicorn.Server(config)
+async def serving(app: Any, **options: Any) -> AsyncIterator[str]:
+    """``app`` under uvicorn in this event loop on a free 127.0.0.1 port; yields its base URL.
+    ``options`` override the uvicorn.Config defaults below (e.g. ``lifespan="off"``)."""
+    values: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "log_level": "warning",
+        "access_log": False,
+        "proxy_headers": False,
+        "lifespan": "on",
+    }
+    server = uvicorn.Server(uvicorn.Config(app, **{**values, **options}))
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
     task = asyncio.get_running_loop().create_task(server.serve())
     try:
         while not server.started:
             if task.done():
                 task.result()
-                raise RuntimeError("the service stopped during startup")
+                raise RuntimeError("the server stopped during startup")
             await asyncio.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield RunningService(app=app, url=f"http://127.0.0.1:{port}", port=port)
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
     finally:
         server.should_exit = True
         await task
+
+
+@asynccontextmanager
+async def running_service(
+    settings: Settings, *, components: Sequence[tuple[str, ComponentFactory]] = ()
+) -> AsyncIterator[RunningService]:
+    app = create_app(settings, components=components)
+    async with serving(app) as url:
+        yield RunningService(app=app, url=url, port=int(url.rsplit(":", 1)[1]))
