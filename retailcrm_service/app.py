@@ -57,11 +57,11 @@ logger = logging.getLogger(__name__)
 
 ComponentFactory = Callable[["Runtime"], AbstractAsyncContextManager[Any]]
 
-# EXTENSION POINT: background components (name, factory(runtime) -> async context manager).
+# Background components (name, factory(runtime) -> async context manager), opened in order.
 COMPONENTS: list[tuple[str, ComponentFactory]] = [
-    ("events", events_component),  # issue 6: intake + delivery workers (retailcrm_service.ingest)
-    ("asterisk", asterisk_component),  # issue 7: SSH pool + owned background jobs
-    ("smart_redirect", smart_redirect_component),  # issue 7: after "events" (shares its pacer)
+    ("events", events_component),  # intake + delivery workers (retailcrm_service.ingest)
+    ("asterisk", asterisk_component),  # SSH pool + owned background jobs
+    ("smart_redirect", smart_redirect_component),  # after "events" (shares its pacer)
 ]
 
 
@@ -122,15 +122,15 @@ def get_settings(request: Request) -> Settings:
 
 
 def _include_routers(app: FastAPI) -> None:
-    # EXTENSION POINT: one line per routes/<area>.py.
+    # One line per routes/<area>.py.
     from retailcrm_service.routes import admin, callbacks, config, events, ops, smart_redirect
 
     app.include_router(ops.router)
     app.include_router(config.router)
     app.include_router(admin.router)
     app.include_router(events.router)
-    app.include_router(smart_redirect.router)  # issue 7
-    app.include_router(callbacks.router)  # issue 7
+    app.include_router(smart_redirect.router)
+    app.include_router(callbacks.router)
 
 
 # Config keys whose change alters what the service reads (smart: smart-redirect settings).

@@ -61,7 +61,7 @@ def _cache(runtime: Runtime) -> tuple[dict[str, Any], str | None]:
 
 
 async def _outbox(runtime: Runtime) -> dict[str, Any]:
-    """Backlog and oldest due event of the durable outbox (issue 6); {} when not running."""
+    """Backlog and oldest due event of the durable outbox; {} when not running."""
     events = runtime.components.get("events")
     if events is None:
         return {}
