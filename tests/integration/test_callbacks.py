@@ -4,7 +4,6 @@ answers, and click-to-call reaches a real sshd's recording ``asterisk`` stub."""
 from __future__ import annotations
 
 import secrets
-from typing import Any
 
 import asyncpg
 
@@ -19,7 +18,7 @@ CUSTOMER = {"id": 15, "firstName": "Ivan", "lastName": "Petrov"}
 ORIGINATE = "channel originate LOCAL/150@web-originate application Dial LOCAL/{}@inoffice"
 
 
-async def register_module(crm: AsyncSandboxServer, stack: Stack, key: str, client_id: str) -> None:
+async def register_module(stack: Stack, client_id: str) -> None:
     """What the admin's "connect" does: the module with our callback URLs and codes."""
     module = {
         "code": "vochi-telephony",
@@ -45,14 +44,11 @@ async def register_module(crm: AsyncSandboxServer, stack: Stack, key: str, clien
     await client.edit_integration_module(module)
 
 
-async def setup(
-    db: asyncpg.Connection, crm: AsyncSandboxServer, key: str, **smart: Any
-) -> tuple[str, dict[str, Any]]:
+async def setup(db: asyncpg.Connection, crm: AsyncSandboxServer, key: str) -> str:
+    """Enterprise 0367 on the sandbox account (user 7 is extension 150); returns its clientId."""
     client_id = secrets.token_urlsafe(32)
-    row = await add_enterprise(
-        db, "0367", crm, key, extensions={"7": "150"}, smart=smart, client_id=client_id
-    )
-    return client_id, row
+    await add_enterprise(db, "0367", crm, key, extensions={"7": "150"}, client_id=client_id)
+    return client_id
 
 
 async def test_click_to_call_from_retailcrm_reaches_asterisk_as_the_originate_command(
@@ -60,9 +56,9 @@ async def test_click_to_call_from_retailcrm_reaches_asterisk_as_the_originate_co
 ) -> None:
     key = secrets.token_hex(16)
     async with sandbox(key, manager=MANAGER, customer=CUSTOMER) as crm:
-        client_id, _ = await setup(db, crm, key)
+        client_id = await setup(db, crm, key)
         async with service(database_url, ssh) as stack:
-            await register_module(crm, stack, key, client_id)
+            await register_module(stack, client_id)
             callback = await crm.control.click_to_call(user_id=7, phone="+375 29 765-43-21")
             await stack.settle_jobs()
             posted = await crm.control.click_to_call(user_id=7, phone="375447034448", method="POST")
@@ -88,7 +84,7 @@ async def test_unknown_client_id_gets_401_and_reaches_nothing(
         await setup(db, crm, key)
         async with service(database_url, ssh) as stack:
             # The sandbox's module carries a clientId we never issued.
-            await register_module(crm, stack, key, secrets.token_urlsafe(32))
+            await register_module(stack, secrets.token_urlsafe(32))
             callback = await crm.control.click_to_call(user_id=7, phone=PHONE)
             direct = await stack.http.get(
                 "/retailcrm/make-call", params={"code": "150", "phone": PHONE}
@@ -111,7 +107,7 @@ async def test_hostile_phone_in_a_click_is_refused_before_any_ssh(
 ) -> None:
     key = secrets.token_hex(16)
     async with sandbox(key, manager=MANAGER, customer=CUSTOMER) as crm:
-        client_id, _ = await setup(db, crm, key)
+        client_id = await setup(db, crm, key)
         async with service(database_url, ssh) as stack:
             bad_phone = await stack.http.get(
                 "/retailcrm/make-call",
@@ -132,7 +128,7 @@ async def test_click_to_call_is_rate_limited_per_client_id(
 ) -> None:
     key = secrets.token_hex(16)
     async with sandbox(key, manager=MANAGER, customer=CUSTOMER) as crm:
-        client_id, _ = await setup(db, crm, key)
+        client_id = await setup(db, crm, key)
         async with service(database_url, ssh) as stack:
             clock = FakeClock()
             stack.svc.app.state.callback_limiter = CallbackLimiter(rate=1, burst=2, clock=clock)
@@ -154,9 +150,9 @@ async def test_status_changes_are_recorded_and_steer_smart_redirect(
 ) -> None:
     key = secrets.token_hex(16)
     async with sandbox(key, manager=MANAGER, customer=CUSTOMER) as crm:
-        client_id, _ = await setup(db, crm, key)
+        client_id = await setup(db, crm, key)
         async with service(database_url) as stack:
-            await register_module(crm, stack, key, client_id)
+            await register_module(stack, client_id)
             before = await stack.http.post(
                 "/api/smart-redirect", json={"enterprise_number": "0367", "phone": PHONE}
             )
@@ -183,7 +179,7 @@ async def test_callbacks_of_a_disabled_integration_are_refused(
 ) -> None:
     key = secrets.token_hex(16)
     async with sandbox(key, manager=MANAGER, customer=CUSTOMER) as crm:
-        client_id, _ = await setup(db, crm, key)
+        client_id = await setup(db, crm, key)
         await db.execute(
             """UPDATE enterprises SET integrations_config = jsonb_set(
                    integrations_config, '{retailcrm,enabled}', 'false') WHERE number = '0367'"""
