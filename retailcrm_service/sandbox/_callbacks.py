@@ -28,6 +28,13 @@ def _telephony_module(account: Account, code: str | None, url_field: str) -> Mod
     raise ControlError(409, "no_telephony_module", f"no active telephony module with {url_field}")
 
 
+def _module(account: Account, code: Any) -> Module:
+    module = account.modules.get(str(code))
+    if module is None:
+        raise ControlError(404, "unknown_module", f"no module {code!r} in {account.name!r}")
+    return module
+
+
 def _user(account: Account, user_id: Any) -> dict[str, Any]:
     try:
         return account.users[int(user_id)]
@@ -164,10 +171,7 @@ async def account_url(
     """A user follows the module's settings link: POST ``clientId`` to ``accountUrl``."""
     with sandbox.state.lock:
         account = sandbox.state.account(spec.get("account"))
-        code = spec.get("code")
-        module = account.modules.get(str(code))
-        if module is None:
-            raise ControlError(404, "unknown_module", f"no module {code!r} in {account.name!r}")
+        module = _module(account, spec.get("code"))
         url = module.data.get("accountUrl")
         if not url:
             raise ControlError(409, "no_account_url", "the module has no accountUrl")
@@ -183,10 +187,7 @@ async def activity(
     """The module is (de)activated or (un)frozen: POST to ``baseUrl`` + ``actions.activity``."""
     with sandbox.state.lock:
         account = sandbox.state.account(spec.get("account"))
-        code = spec.get("code")
-        module = account.modules.get(str(code))
-        if module is None:
-            raise ControlError(404, "unknown_module", f"no module {code!r} in {account.name!r}")
+        module = _module(account, spec.get("code"))
         active = bool(spec.get("active", module.data.get("active", False)))
         freeze = bool(spec.get("freeze", module.data.get("freeze", False)))
         module.data["active"], module.data["freeze"] = active, freeze
