@@ -116,11 +116,6 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 """Route parameter annotation: ``runtime: RuntimeDep``."""
 
 
-def get_settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
 def _include_routers(app: FastAPI) -> None:
     # One line per routes/<area>.py.
     from retailcrm_service.routes import admin, callbacks, config, events, ops, smart_redirect

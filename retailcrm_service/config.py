@@ -75,10 +75,6 @@ class RetailCrmConfig:
         """``{"<retailcrm user id>": "<extension>"}`` without the unassigned users."""
         return {uid: ext for uid, ext in self.user_extensions.items() if ext}
 
-    @property
-    def user_by_extension(self) -> dict[str, str]:
-        return {ext: uid for uid, ext in self.extension_by_user.items()}
-
 
 def _as_dict(value: Any) -> dict[str, Any]:
     if isinstance(value, str):
