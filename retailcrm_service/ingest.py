@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
@@ -189,7 +189,7 @@ def _short(message: str) -> str:
 
 
 class Committer(Protocol):
-    async def submit(self, events: Sequence[StoredEvent]) -> list[bool]: ...
+    def submit(self, events: Sequence[StoredEvent]) -> Awaitable[list[bool]]: ...
 
     def stats(self) -> dict[str, Any]: ...
 

@@ -20,7 +20,7 @@ import json
 import logging
 import random
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
@@ -136,31 +136,37 @@ RETURNING enterprise_number, idempotency_key
 _string: Callable[[str], str] = json.encoder.encode_basestring
 
 
-async def insert_events(
-    conn: asyncpg.Connection, events: Sequence[StoredEvent], *, popup_ttl: float
+def encode_row(ev: StoredEvent) -> str:
+    """One event as an element of the insert's JSON document."""
+    kinds = ev.kinds
+    payload = ev.payload_json or json.dumps(
+        ev.payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+    )
+    occurred = "null" if ev.occurred_at is None else _string(ev.occurred_at.isoformat())
+    return (
+        f'{{"en":{_string(ev.enterprise_number)},"ikey":{_string(ev.idempotency_key)},'
+        f'"kind":"{kinds[0]}","hist":{"true" if KIND_HISTORY in kinds[1:] else "false"},'
+        f'"cuid":{_string(ev.call_unique_id)},"etype":{_string(ev.event_type)},'
+        f'"origin":{_string(ev.origin)},"occ":{occurred},"payload":{payload}}}'
+    )
+
+
+async def insert_rows(
+    conn: asyncpg.Connection, rows: Sequence[str], *, popup_ttl: float
 ) -> set[tuple[str, str]]:
-    """Insert in one statement; returns the (enterprise, key) pairs that were new."""
-    rows = []
-    for ev in events:
-        kinds = ev.kinds
-        payload = ev.payload_json or json.dumps(
-            ev.payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False
-        )
-        occurred = "null" if ev.occurred_at is None else _string(ev.occurred_at.isoformat())
-        rows.append(
-            f'{{"en":{_string(ev.enterprise_number)},"ikey":{_string(ev.idempotency_key)},'
-            f'"kind":"{kinds[0]}","hist":{"true" if KIND_HISTORY in kinds[1:] else "false"},'
-            f'"cuid":{_string(ev.call_unique_id)},"etype":{_string(ev.event_type)},'
-            f'"origin":{_string(ev.origin)},"occ":{occurred},"payload":{payload}}}'
-        )
-    document = "[" + ",".join(rows) + "]"
-    records = await conn.fetch(_INSERT, document, popup_ttl)
+    """Insert encoded rows in one statement; returns the (enterprise, key) pairs that were new."""
+    records = await conn.fetch(_INSERT, "[" + ",".join(rows) + "]", popup_ttl)
     return {(r["enterprise_number"], r["idempotency_key"]) for r in records}
 
 
 @dataclass(slots=True)
 class _Pending:
-    events: Sequence[StoredEvent]
+    # Encoded at submit: a request waiting for its commit then holds only strings, which the
+    # cyclic GC never tracks. Holding the decoded events (hundreds of dicts and lists per
+    # request) across the commit promoted them to the old generations, and the full
+    # collections that followed stalled the event loop.
+    rows: list[str]
+    keys: list[tuple[str, str]]
     done: asyncio.Future[list[bool]]
 
 
@@ -205,19 +211,27 @@ class GroupCommitter:
         await self._tasks.__aexit__(exc_type, exc, tb)
         self._tasks = None
 
-    async def submit(self, events: Sequence[StoredEvent]) -> list[bool]:
-        """Commit ``events``; per event True when new, False when a duplicate.
+    def submit(self, events: Sequence[StoredEvent]) -> Awaitable[list[bool]]:
+        """Queue ``events`` for the next commit; the awaitable gives, per event, True when new
+        and False when a duplicate, once they are committed.
 
-        Raises ``OutboxUnavailable`` when the transaction failed (nothing of it was stored).
+        The events are encoded here and not referenced afterwards (see ``_Pending``). Raises
+        ``OutboxClosed`` at once when not accepting; the awaitable raises ``OutboxUnavailable``
+        when the transaction failed (nothing of it was stored).
         """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[list[bool]] = loop.create_future()
         if not events:
-            return []
+            done.set_result([])
+            return done
         if self._tasks is None or self._closing:
             raise OutboxClosed("the outbox is not accepting events")
-        done: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(events, done))
+        rows = [encode_row(ev) for ev in events]
+        keys = [(ev.enterprise_number, ev.idempotency_key) for ev in events]
+        self._queue.append(_Pending(rows, keys, done))
         self._wakeup.set()
-        return await asyncio.shield(done)
+        # Shielded: a caller that goes away does not cancel the commit others share.
+        return asyncio.shield(done)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -245,22 +259,22 @@ class GroupCommitter:
         while self._queue and (not batch or size < self._config.commit_max_events):
             item = self._queue.popleft()
             batch.append(item)
-            size += len(item.events)
+            size += len(item.rows)
         return batch
 
     async def _commit(self, batch: list[_Pending]) -> None:
         try:
-            unique: dict[tuple[str, str], StoredEvent] = {}
+            unique: dict[tuple[str, str], str] = {}
             for item in batch:
-                for ev in item.events:
-                    unique.setdefault((ev.enterprise_number, ev.idempotency_key), ev)
+                for key, row in zip(item.keys, item.rows, strict=True):
+                    unique.setdefault(key, row)
             try:
                 # A request must not hang on a database that stopped answering: past the
                 # deadline the caller gets an error and retries (duplicates are harmless).
                 # One statement is one atomic transaction: no BEGIN/COMMIT round trips.
                 async with asyncio.timeout(self._config.commit_timeout):
                     async with self._pool.acquire() as conn:
-                        new = await insert_events(
+                        new = await insert_rows(
                             conn, list(unique.values()), popup_ttl=self._config.popup_ttl
                         )
             except Exception as exc:  # DATABASE_ERRORS, or a bug: the waiters must hear either
@@ -281,18 +295,17 @@ class GroupCommitter:
             self.committed_events += len(new)
             for item in batch:
                 if not item.done.done():
-                    item.done.set_result(_claim_new(item.events, new))
+                    item.done.set_result(_claim_new(item.keys, new))
             if new and self._on_commit is not None:
                 self._on_commit()
         finally:
             self._slots.release()
 
 
-def _claim_new(events: Sequence[StoredEvent], new: set[tuple[str, str]]) -> list[bool]:
+def _claim_new(keys: Sequence[tuple[str, str]], new: set[tuple[str, str]]) -> list[bool]:
     """Per event, True for the first occurrence of a newly inserted key, False otherwise."""
     flags = []
-    for ev in events:
-        key = (ev.enterprise_number, ev.idempotency_key)
+    for key in keys:
         if key in new:
             new.discard(key)
             flags.append(True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable
 from datetime import datetime
 from typing import Any
 
@@ -66,7 +67,25 @@ async def read_events_body(request: Request) -> Any:
 
 @router.post("/api/events", status_code=202)
 async def post_events(request: Request) -> JSONResponse:
-    body = await read_events_body(request)
+    committed, rejected = _submit(request, await read_events_body(request))
+    try:
+        fresh = await committed
+    except OutboxError as exc:
+        raise _not_committed(exc) from None
+    accepted = sum(fresh)
+    pipeline(request).count(accepted, len(fresh) - accepted, len(rejected))
+    return JSONResponse(
+        {"accepted": accepted, "duplicates": len(fresh) - accepted, "rejected": rejected},
+        status_code=202,
+    )
+
+
+def _submit(request: Request, body: Any) -> tuple[Awaitable[list[bool]], list[dict[str, Any]]]:
+    """Validate and queue the events; the awaitable completes with their commit.
+
+    Synchronous on purpose: the decoded body and the parsed events die when this returns, so a
+    request waiting for its commit holds no containers for the cyclic GC to keep rescanning.
+    """
     try:
         parsed = parse_events(body)
     except BodyTooLarge as exc:
@@ -77,17 +96,15 @@ async def post_events(request: Request) -> JSONResponse:
     rejected = [{"index": p.index, "error": p.error} for p in parsed if isinstance(p, Rejected)]
     runtime = pipeline(request)
     try:
-        fresh = await runtime.committer.submit(events)
+        return runtime.committer.submit(events), rejected
     except OutboxError as exc:
-        logger.warning("events.not_committed events=%d error=%s", len(events), exc)
-        raise ApiError(
-            503, "unavailable", "events not stored; retry later", headers={"Retry-After": "1"}
-        ) from None
-    accepted = sum(fresh)
-    runtime.count(accepted, len(fresh) - accepted, len(rejected))
-    return JSONResponse(
-        {"accepted": accepted, "duplicates": len(fresh) - accepted, "rejected": rejected},
-        status_code=202,
+        raise _not_committed(exc) from None
+
+
+def _not_committed(exc: OutboxError) -> ApiError:
+    logger.warning("events.not_committed error=%s", exc)
+    return ApiError(
+        503, "unavailable", "events not stored; retry later", headers={"Retry-After": "1"}
     )
 
 
