@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import asyncpg
 import httpx
@@ -16,11 +13,8 @@ import pytest
 from adapters.call_service import CallServiceSettings, create_app
 from tests.integration._servers import RecordingReceiver
 from tests.support.pg import create_enterprise
+from tests.support.pipeline import fixture_records
 from tests.support.procs import ThreadedServer
-
-FIXTURES = Path("/work/shared/fixtures/asterisk-calls.jsonl")
-if not FIXTURES.exists():
-    FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "asterisk-calls.jsonl"
 
 TOKEN = "375291110001"  # name2 of enterprise 0367, as in the fixtures
 SECRET = "0123456789abcdef0123456789abcdef"
@@ -39,10 +33,6 @@ EXPECTED_KEYS = [
     "0367:1764150400.512:hangup",
     "0367:1764140000.77:hangup",
 ]
-
-
-def fixture_lines() -> list[dict[str, Any]]:
-    return [json.loads(line) for line in FIXTURES.read_text().splitlines() if line.strip()]
 
 
 async def _seed(dsn: str) -> None:
@@ -82,7 +72,7 @@ def test_every_fixture_call_arrives_with_the_expected_events_and_keys(
     call_service: httpx.Client, receiver: tuple[RecordingReceiver, ThreadedServer]
 ) -> None:
     recorder = receiver[0]
-    for i, line in enumerate(fixture_lines()):
+    for i, line in enumerate(fixture_records()):
         body = dict(line["body"])
         # Half the requests carry the Token in the header only, the other half in the body only.
         headers = {"Token": body.pop("Token")} if i % 2 else {}
@@ -109,13 +99,13 @@ def test_internal_calls_and_crm_originated_legs_are_not_sent(
     call_service: httpx.Client, receiver: tuple[RecordingReceiver, ThreadedServer]
 ) -> None:
     recorder = receiver[0]
-    skipped = [line for line in fixture_lines() if line["body"].get("CallType") == 2]
+    skipped = [line for line in fixture_records() if line["body"].get("CallType") == 2]
     assert len(skipped) == 3
     for line in skipped:
         reply = call_service.post(f"/{line['event']}", json=line["body"])
         assert reply.status_code == 200
         assert reply.json()["status"] == "skipped"
-    call_service.post("/hangup", json=fixture_lines()[4]["body"])  # a marker that does go through
+    call_service.post("/hangup", json=fixture_records()[4]["body"])  # a marker that does go through
     assert recorder.wait_for(lambda r: len(r.events) >= 1, timeout=10)
     assert recorder.keys == ["0367:1764150000.101:hangup"]
     stats = call_service.get("/stats").json()
@@ -125,7 +115,7 @@ def test_internal_calls_and_crm_originated_legs_are_not_sent(
 def test_the_token_may_be_the_secret_or_the_number(
     call_service: httpx.Client, receiver: tuple[RecordingReceiver, ThreadedServer]
 ) -> None:
-    body = dict(fixture_lines()[4]["body"])
+    body = dict(fixture_records()[4]["body"])
     del body["Token"]
     for token in (SECRET, "0367"):
         assert call_service.post("/hangup", json=body, headers={"Token": token}).status_code == 200
@@ -207,7 +197,7 @@ def test_an_enterprise_added_and_then_disabled_while_running_is_followed(
 
     recorder = receiver[0]
     asyncio.run(add())
-    hangup = dict(fixture_lines()[4]["body"], Token="375291110005")
+    hangup = dict(fixture_records()[4]["body"], Token="375291110005")
     assert call_service.post("/hangup", json=hangup).status_code == 200
     assert recorder.wait_for(lambda r: len(r.events) == 1, timeout=10)
     assert recorder.events[0]["enterprise_number"] == "0500"

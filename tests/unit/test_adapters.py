@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from adapters.translate import Skipped, Translator, translate
+from tests.support.pipeline import fixture_records
 from vochi_crm_client._event import CallEvent
-
-FIXTURES = Path("/work/shared/fixtures/asterisk-calls.jsonl")
-if not FIXTURES.exists():  # the shared folder next to the checkout
-    FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "asterisk-calls.jsonl"
 
 NOW = datetime(2025, 11, 26, 10, 0, tzinfo=UTC)
 
@@ -39,16 +34,12 @@ EXPECTED: list[str] = [
 ]
 
 
-def fixture_lines() -> list[dict[str, Any]]:
-    return [json.loads(line) for line in FIXTURES.read_text().splitlines() if line.strip()]
-
-
 def run(line: dict[str, Any]) -> CallEvent | Skipped:
     return translate(line["event"], line["body"], enterprise_number="0367", received_at=NOW)
 
 
 def test_every_fixture_line_translates_as_expected() -> None:
-    lines = fixture_lines()
+    lines = fixture_records()
     assert len(lines) == len(EXPECTED)
     for line, expected in zip(lines, EXPECTED, strict=True):
         result = run(line)
@@ -61,7 +52,7 @@ def test_every_fixture_line_translates_as_expected() -> None:
 
 
 def test_a_string_call_type_and_trunk_id_are_normalised() -> None:
-    event = run(fixture_lines()[5])
+    event = run(fixture_records()[5])
     assert isinstance(event, CallEvent)
     assert event.payload["CallType"] == 0
     assert event.payload["Trunk"] == "0001363"
@@ -69,7 +60,7 @@ def test_a_string_call_type_and_trunk_id_are_normalised() -> None:
 
 
 def test_lost_extensions_unknown_phone_and_incall_trunk_are_normalised() -> None:
-    event = run(fixture_lines()[12])
+    event = run(fixture_records()[12])
     assert isinstance(event, CallEvent)
     assert event.payload["Extensions"] == []
     assert event.payload["Phone"] == ""
@@ -78,13 +69,13 @@ def test_lost_extensions_unknown_phone_and_incall_trunk_are_normalised() -> None
 
 
 def test_an_empty_start_time_falls_back_to_date_received() -> None:
-    event = run(fixture_lines()[6])
+    event = run(fixture_records()[6])
     assert isinstance(event, CallEvent)
     assert event.payload["StartTime"] == "2025-11-26 10:05:00"
 
 
 def test_the_recovered_hangup_is_history_only_without_a_time_of_receipt() -> None:
-    event = run(fixture_lines()[15])
+    event = run(fixture_records()[15])
     assert isinstance(event, CallEvent)
     assert event.event_type == "hangup"
     assert event.origin == "download"
@@ -94,14 +85,14 @@ def test_the_recovered_hangup_is_history_only_without_a_time_of_receipt() -> Non
 
 
 def test_post_download_is_a_recovered_hangup_too() -> None:
-    body = dict(fixture_lines()[4]["body"])
+    body = dict(fixture_records()[4]["body"])
     event = translate("download", body, enterprise_number="0367")
     assert isinstance(event, CallEvent)
     assert (event.event_type, event.origin) == ("hangup", "download")
 
 
 def test_live_events_carry_the_time_of_receipt_and_the_record_url() -> None:
-    event = run(fixture_lines()[4])
+    event = run(fixture_records()[4])
     assert isinstance(event, CallEvent)
     assert event.occurred_at == NOW
     assert event.origin == "live"
@@ -109,10 +100,10 @@ def test_live_events_carry_the_time_of_receipt_and_the_record_url() -> None:
 
 
 def test_internal_calls_can_be_forwarded_when_configured() -> None:
-    body = fixture_lines()[10]["body"]
+    body = fixture_records()[10]["body"]
     event = translate("dial", body, enterprise_number="0367", forward_internal=True)
     assert isinstance(event, CallEvent)
-    crm_leg = fixture_lines()[14]["body"]
+    crm_leg = fixture_records()[14]["body"]
     assert translate("dial", crm_leg, enterprise_number="0367", forward_internal=True) == Skipped(
         "crm_originated"
     )
@@ -122,13 +113,13 @@ def test_internal_calls_can_be_forwarded_when_configured() -> None:
 
 
 def test_an_external_initiated_leg_that_is_not_internal_is_forwarded() -> None:
-    body = {**fixture_lines()[7]["body"], "ExternalInitiated": True}
+    body = {**fixture_records()[7]["body"], "ExternalInitiated": True}
     assert isinstance(translate("dial", body, enterprise_number="0367"), CallEvent)
 
 
 def test_the_translator_also_skips_the_bridge_of_a_skipped_call() -> None:
     translator = Translator()
-    internal_dial = fixture_lines()[10]["body"]
+    internal_dial = fixture_records()[10]["body"]
     bridge = {"Token": "t", "UniqueId": internal_dial["UniqueId"], "Channel": "SIP/150-1"}
     assert translator("dial", internal_dial, enterprise_number="0367") == Skipped("internal")
     assert translator("bridge", bridge, enterprise_number="0367") == Skipped("internal")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,10 +21,7 @@ from retailcrm_service.mapping import (
     upload_batches,
     upload_result,
 )
-
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "asterisk-calls.jsonl"
-if not FIXTURES.exists():  # the repository is checked out beside shared/
-    FIXTURES = Path("/work/shared/fixtures/asterisk-calls.jsonl")
+from tests.support.pipeline import fixture_records
 
 USERS = {"19": "150", "20": "151", "21": "152", "22": None}
 CONFIG = MappingConfig(user_extensions=USERS)
@@ -34,10 +29,8 @@ CONFIG = MappingConfig(user_extensions=USERS)
 
 def _fixture_calls() -> dict[str, list[dict[str, Any]]]:
     calls: dict[str, list[dict[str, Any]]] = {}
-    for line in FIXTURES.read_text("utf-8").splitlines():
-        if line.strip():
-            record = json.loads(line)
-            calls.setdefault(record["call"], []).append(record)
+    for record in fixture_records():
+        calls.setdefault(record["call"], []).append(record)
     return calls
 
 
