@@ -442,7 +442,10 @@ class _Sender:
         if row.expires_at is not None and row.expires_at < datetime.now(UTC):
             self._service._count(self._number).expired += 1
             return Outcome(row, "expired", "popup expired")
-        event = popup_event(row.event_type, row.payload, self._mapping)
+        try:
+            event = popup_event(row.event_type, row.payload, self._mapping)
+        except Exception as exc:
+            return _unmappable(row, exc)
         if isinstance(event, Skip):
             return Outcome(row, "skipped", event.reason)
         error = await self._call(CALL_EVENT, [row], event)
@@ -460,7 +463,11 @@ class _Sender:
         skipped: list[Outcome] = []
         mapped: list[tuple[OutboxRow, dict[str, Any]]] = []
         for row in rows:
-            call = history_call(row.payload, self._mapping, bridges.get(row.call_unique_id, []))
+            try:
+                call = history_call(row.payload, self._mapping, bridges.get(row.call_unique_id, []))
+            except Exception as exc:
+                skipped.append(_unmappable(row, exc))
+                continue
             if isinstance(call, Skip):
                 skipped.append(Outcome(row, "skipped", call.reason))
             else:
@@ -559,6 +566,19 @@ class _Sender:
                 call_unique_id=row.call_unique_id,
                 redact=(self._key,),
             )
+
+
+def _unmappable(row: OutboxRow, exc: Exception) -> Outcome:
+    """A row the mapping cannot turn into a RetailCRM request: it fails the same way on every
+    attempt, so it is dead-lettered (kept, replayable) instead of poisoning its enterprise's
+    queue with endless re-claims."""
+    logger.error(
+        "delivery.unmappable enterprise=%s id=%s error=%s",
+        row.enterprise_number,
+        row.id,
+        type(exc).__name__,
+    )
+    return Outcome(row, "dead", f"unmappable: {type(exc).__name__}: {str(exc)[:200]}")
 
 
 def _valid_timezone(name: Any) -> str:

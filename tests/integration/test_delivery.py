@@ -188,3 +188,55 @@ async def test_work_is_handed_back_inside_the_lease_so_nothing_is_sent_twice(
     assert all(r["attempts"] == 1 for r in rows)
     sent = [e["event"]["callExternalId"] for e in crm.state()["accounts"]["test"]["events"]]
     assert sorted(sent) == sorted(f"6.{i}" for i in range(6))
+
+
+def _hangup(uid: str, date: str, call_type: object = 0) -> StoredEvent:
+    payload = {
+        "UniqueId": uid,
+        "Phone": "+375291234567",
+        "Extensions": ["150"],
+        "CallType": call_type,
+        "DateReceived": date,
+        "StartTime": date,
+        "EndTime": date,
+        "CallStatus": "2",
+    }
+    return StoredEvent(
+        enterprise_number="0367",
+        event_type="hangup",
+        call_unique_id=uid,
+        payload=payload,
+        origin="download",
+        idempotency_key=idempotency_key("0367", uid, "hangup"),
+    )
+
+
+async def test_a_row_the_mapping_cannot_convert_is_dead_lettered_and_the_rest_delivered(
+    pool: asyncpg.Pool, db: asyncpg.Connection, crm: SandboxServer
+) -> None:
+    """A deterministic mapping failure (a date at the calendar's edge shifted into the account's
+    zone overflows) fails on every attempt: it is dead-lettered with its reason, not re-claimed
+    forever, and the enterprise's other calls are delivered."""
+    await add_enterprise(db, crm.url, crm.api_key)
+    await db.execute(
+        """UPDATE enterprises SET integrations_config = jsonb_set(integrations_config,
+               '{retailcrm,account_timezone}', '"Asia/Tokyo"') WHERE number = '0367'"""
+    )
+    service = _service(pool)
+    async with service, GroupCommitter(pool=pool, on_commit=service.wake) as committer:
+        await committer.submit(
+            [
+                _hangup("7.1", "2025-11-26 10:00:00"),
+                _hangup("7.2", "9999-12-31 23:59:59"),
+                _hangup("7.3", "2025-11-26 10:05:00", call_type="²"),
+            ]
+        )
+        await _until(lambda: _settled(db))
+    rows = {r["call_unique_id"]: r for r in await _rows(db)}
+    assert rows["7.1"]["state"] == "delivered"
+    assert rows["7.2"]["state"] == "dead"
+    assert rows["7.2"]["last_error"].startswith("unmappable: OverflowError")
+    assert rows["7.3"]["state"] in ("delivered", "skipped")  # '²' is no CallType, and no crash
+    uploaded = {c["externalId"] for c in crm.state()["accounts"]["test"]["calls"]}
+    assert "7.1" in uploaded
+    assert "7.2" not in uploaded
