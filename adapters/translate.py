@@ -47,7 +47,7 @@ def _call_type(value: Any) -> int | None:
         return None
     if isinstance(value, bool):
         raise ValueError("CallType must be 0, 1 or 2")
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
         value = int(value.strip())
     if not isinstance(value, int) or value not in (0, 1, 2):
         raise ValueError(f"CallType must be 0, 1 or 2, not {value!r}")

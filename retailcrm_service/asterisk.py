@@ -221,7 +221,7 @@ def parse_channels_concise(text: str) -> list[ChannelInfo]:
         if len(parts) < 5 or "/" not in parts[0]:
             continue  # banners, blank lines, "N active channels" footers
         parts += [""] * (14 - len(parts))
-        duration = int(parts[11]) if parts[11].isdigit() else None
+        duration = int(parts[11]) if parts[11].isascii() and parts[11].isdigit() else None
         channels.append(
             ChannelInfo(
                 name=parts[0],

@@ -115,7 +115,8 @@ def call_type(payload: Mapping[str, Any]) -> int | None:
         return None
     if isinstance(raw, int):
         return raw
-    if isinstance(raw, str) and raw.strip().isdigit():
+    # isascii too: isdigit admits '²', which int() refuses (a poison row in delivery).
+    if isinstance(raw, str) and raw.strip().isascii() and raw.strip().isdigit():
         return int(raw.strip())
     return None
 
@@ -279,7 +280,10 @@ def user_for_extension(code: str, user_extensions: Mapping[str, str | None]) -> 
     owners = sorted(
         int(user_id)
         for user_id, extension in user_extensions.items()
-        if extension is not None and str(extension).strip() == code and str(user_id).isdigit()
+        if extension is not None
+        and str(extension).strip() == code
+        and str(user_id).isascii()
+        and str(user_id).isdigit()
     )
     return owners[0] if owners else None
 

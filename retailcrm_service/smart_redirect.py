@@ -81,7 +81,7 @@ def phone_key(phone: object) -> str:
     """The digits of a phone number: how it is cached and compared."""
     if not isinstance(phone, (str, int)) or isinstance(phone, bool):
         return ""
-    return "".join(ch for ch in str(phone) if ch.isdigit())
+    return "".join(ch for ch in str(phone) if "0" <= ch <= "9")
 
 
 def dialplan_context(internal_phone_id: int | None, trunk: object) -> str | None:
@@ -106,7 +106,7 @@ def _as_int(value: object) -> int | None:
         return None
     if isinstance(value, int):
         return value
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
         return int(value.strip())
     return None
 

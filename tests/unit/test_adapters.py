@@ -145,6 +145,7 @@ def test_the_translator_forgets_old_skipped_calls() -> None:
         ("start", {}, "UniqueId"),
         ("dial", {"UniqueId": "1.1", "CallType": "x"}, "CallType"),
         ("dial", {"UniqueId": "1.1", "CallType": 7}, "CallType"),
+        ("dial", {"UniqueId": "1.1", "CallType": "²"}, "CallType"),  # a digit int() refuses
         ("dial", {"UniqueId": "1.1", "Extensions": {"a": 1}}, "Extensions"),
         ("dial", {"UniqueId": "1.1", "origin": "download"}, "recovered"),
     ],

@@ -369,6 +369,7 @@ def test_parse_retry_after_accepts_seconds_and_http_dates() -> None:
     assert parse_retry_after("12") == 12.0
     assert parse_retry_after("Wed, 26 Nov 2025 10:00:30 GMT", now=now) == 30.0
     assert parse_retry_after("garbage") is None
+    assert parse_retry_after("²") is None  # isdigit() admits it; float() would raise
     assert parse_retry_after(None) is None
 
 

@@ -13,6 +13,7 @@ from retailcrm_service.mapping import (
     UPLOAD_RESULTS,
     MappingConfig,
     Skip,
+    call_type,
     hangup_status,
     history_call,
     kinds_for,
@@ -283,3 +284,11 @@ def test_mapping_never_raises_on_hostile_payloads(payload: dict[str, Any]) -> No
     for event_type in ("dial", "hangup"):
         assert isinstance(popup_event(event_type, payload, CONFIG), dict | Skip)
     assert isinstance(history_call(payload, CONFIG, [payload]), dict | Skip)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"), [(0, 0), ("1", 1), (" 2 ", 2), ("²", None), ("١", None)]
+)
+def test_call_type_reads_ascii_digits_only(raw: object, expected: int | None) -> None:
+    """``str.isdigit`` admits '²' (which ``int`` refuses) and Arabic-Indic digits."""
+    assert call_type({"CallType": raw}) == expected
