@@ -20,7 +20,7 @@ import json
 import logging
 import random
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
@@ -102,8 +102,10 @@ class OutboxConfig:
 # -- intake -------------------------------------------------------------------------------------
 
 # One JSON document per statement: a single C-level dumps in Python and a single parameter to
-# encode, instead of nine arrays (the intake is CPU-bound on small machines).
+# encode, instead of nine arrays (the intake is CPU-bound on small machines). The answer is one
+# row: how many rows were inserted and, only when that is fewer than sent (duplicates), which.
 _INSERT = """
+WITH ins AS (
 INSERT INTO retailcrm_outbox (enterprise_number, idempotency_key, kind, has_history, call_unique_id,
                      event_type, origin, payload, occurred_at, state, expires_at, last_error,
                      finished_at)
@@ -128,7 +130,10 @@ FROM ROWS FROM (json_to_recordset($1::json) AS (en text, ikey text, kind text, h
 LEFT JOIN enterprises e ON e.number = i.en
 ORDER BY i.ord
 ON CONFLICT (enterprise_number, idempotency_key) DO NOTHING
-RETURNING enterprise_number, idempotency_key
+RETURNING enterprise_number, idempotency_key)
+SELECT n, CASE WHEN n < $3 THEN (SELECT array_agg(enterprise_number) FROM ins) END AS ens,
+          CASE WHEN n < $3 THEN (SELECT array_agg(idempotency_key) FROM ins) END AS ikeys
+FROM (SELECT count(*) AS n FROM ins) AS counted
 """
 
 
@@ -152,11 +157,16 @@ def encode_row(ev: StoredEvent) -> str:
 
 
 async def insert_rows(
-    conn: asyncpg.Connection, rows: Sequence[str], *, popup_ttl: float
+    conn: asyncpg.Connection, rows: Mapping[tuple[str, str], str], *, popup_ttl: float
 ) -> set[tuple[str, str]]:
-    """Insert encoded rows in one statement; returns the (enterprise, key) pairs that were new."""
-    records = await conn.fetch(_INSERT, "[" + ",".join(rows) + "]", popup_ttl)
-    return {(r["enterprise_number"], r["idempotency_key"]) for r in records}
+    """Insert encoded rows (by distinct (enterprise, key)) in one statement; returns the keys
+    that were new."""
+    document = "[" + ",".join(rows.values()) + "]"
+    answer = await conn.fetchrow(_INSERT, document, popup_ttl, len(rows))
+    assert answer is not None
+    if answer["n"] == len(rows):
+        return set(rows)
+    return set(zip(answer["ens"] or (), answer["ikeys"] or (), strict=True))
 
 
 @dataclass(slots=True)
@@ -184,10 +194,10 @@ class GroupCommitter:
         self._config = config or OutboxConfig()
         self._on_commit = on_commit
         self._queue: deque[_Pending] = deque()
+        self._queued_events = 0
+        self._last_batch = 0
         self._wakeup = asyncio.Event()
-        self._slots = asyncio.Semaphore(self._config.commit_concurrency)
         self._tasks: asyncio.TaskGroup | None = None
-        self._runner: asyncio.Task[None] | None = None
         self._closing = False
         self.transactions = 0
         self.committed_events = 0
@@ -196,7 +206,8 @@ class GroupCommitter:
     async def __aenter__(self) -> GroupCommitter:
         self._tasks = asyncio.TaskGroup()
         await self._tasks.__aenter__()
-        self._runner = self._tasks.create_task(self._run())
+        for _ in range(self._config.commit_concurrency):
+            self._tasks.create_task(self._worker())
         return self
 
     async def __aexit__(
@@ -229,6 +240,7 @@ class GroupCommitter:
         rows = [encode_row(ev) for ev in events]
         keys = [(ev.enterprise_number, ev.idempotency_key) for ev in events]
         self._queue.append(_Pending(rows, keys, done))
+        self._queued_events += len(rows)
         self._wakeup.set()
         # Shielded: a caller that goes away does not cancel the commit others share.
         return asyncio.shield(done)
@@ -241,65 +253,91 @@ class GroupCommitter:
             "queued_requests": len(self._queue),
         }
 
-    async def _run(self) -> None:
-        assert self._tasks is not None
+    async def _worker(self) -> None:
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
+            while not self._queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            await self._drain()
+
+    async def _drain(self) -> None:
+        """Commit batches on one connection for as long as requests keep coming: back-to-back
+        commits skip the pool's acquire and its connection reset (a round trip each), and the
+        next batch is sent before the waiters of the last one are answered."""
+        try:
+            async with asyncio.timeout(self._config.commit_timeout):
+                conn = await self._pool.acquire()
+        except Exception as exc:  # DATABASE_ERRORS, or a bug: the waiters must hear either
+            self._fail(self._take(), exc)
+            return
+        try:
             while self._queue:
-                await self._slots.acquire()
-                batch = self._take()
-                self._tasks.create_task(self._commit(batch))
-            if self._closing:
-                return
+                if not await self._commit(conn, self._take()):
+                    return  # after a failure the connection goes back (the pool checks it)
+        finally:
+            try:
+                await self._pool.release(conn, timeout=self._config.commit_timeout)
+            except Exception as exc:  # the pool has closed it; the next batch gets another
+                logger.warning("outbox.connection_dropped error=%s", type(exc).__name__)
 
     def _take(self) -> list[_Pending]:
+        # Aim for two cohorts of requests of about equal size, one committing while the other
+        # is being received and parsed: at most half of what just committed plus what waits.
+        # Taking the whole queue lets every caller pile into one big commit, followed by a tiny
+        # one while they all come back at once; PostgreSQL and the handlers then take turns
+        # instead of overlapping (measured: commits of 1500, 100, 1500, 100 events...).
+        limit = min(self._config.commit_max_events, (self._last_batch + self._queued_events) // 2)
         batch: list[_Pending] = []
         size = 0
-        while self._queue and (not batch or size < self._config.commit_max_events):
+        while self._queue and (not batch or size < limit):
             item = self._queue.popleft()
             batch.append(item)
             size += len(item.rows)
+        self._queued_events -= size
+        self._last_batch = size
         return batch
 
-    async def _commit(self, batch: list[_Pending]) -> None:
+    async def _commit(self, conn: asyncpg.Connection, batch: list[_Pending]) -> bool:
+        unique: dict[tuple[str, str], str] = {}
+        for item in batch:
+            for key, row in zip(item.keys, item.rows, strict=True):
+                unique.setdefault(key, row)
         try:
-            unique: dict[tuple[str, str], str] = {}
-            for item in batch:
-                for key, row in zip(item.keys, item.rows, strict=True):
-                    unique.setdefault(key, row)
-            try:
-                # A request must not hang on a database that stopped answering: past the
-                # deadline the caller gets an error and retries (duplicates are harmless).
-                # One statement is one atomic transaction: no BEGIN/COMMIT round trips.
-                async with asyncio.timeout(self._config.commit_timeout):
-                    async with self._pool.acquire() as conn:
-                        new = await insert_rows(
-                            conn, list(unique.values()), popup_ttl=self._config.popup_ttl
-                        )
-            except Exception as exc:  # DATABASE_ERRORS, or a bug: the waiters must hear either
-                self.failed_transactions += 1
-                logger.log(
-                    logging.WARNING if isinstance(exc, DATABASE_ERRORS) else logging.ERROR,
-                    "outbox.commit_failed events=%d error=%s",
-                    len(unique),
-                    type(exc).__name__,
-                )
-                error = OutboxUnavailable("the database did not commit the events")
-                error.__cause__ = exc
-                for item in batch:
-                    if not item.done.done():
-                        item.done.set_exception(error)
-                return
-            self.transactions += 1
-            self.committed_events += len(new)
-            for item in batch:
-                if not item.done.done():
-                    item.done.set_result(_claim_new(item.keys, new))
-            if new and self._on_commit is not None:
-                self._on_commit()
-        finally:
-            self._slots.release()
+            # A request must not hang on a database that stopped answering: past the deadline
+            # the caller gets an error and retries (duplicates are harmless). One statement is
+            # one atomic transaction: no BEGIN/COMMIT round trips.
+            async with asyncio.timeout(self._config.commit_timeout):
+                new = await insert_rows(conn, unique, popup_ttl=self._config.popup_ttl)
+        except Exception as exc:  # DATABASE_ERRORS, or a bug: the waiters must hear either
+            self._fail(batch, exc)
+            return False
+        except asyncio.CancelledError:
+            self._fail(batch, OutboxClosed("the outbox closed while committing"))
+            raise
+        self.transactions += 1
+        self.committed_events += len(new)
+        for item in batch:
+            if not item.done.done():
+                item.done.set_result(_claim_new(item.keys, new))
+        if new and self._on_commit is not None:
+            self._on_commit()
+        return True
+
+    def _fail(self, batch: list[_Pending], exc: BaseException) -> None:
+        self.failed_transactions += 1
+        logger.log(
+            logging.WARNING if isinstance(exc, (*DATABASE_ERRORS, OutboxClosed)) else logging.ERROR,
+            "outbox.commit_failed events=%d error=%s",
+            sum(len(item.rows) for item in batch),
+            type(exc).__name__,
+        )
+        error = OutboxUnavailable("the database did not commit the events")
+        error.__cause__ = exc
+        for item in batch:
+            if not item.done.done():
+                item.done.set_exception(error)
 
 
 def _claim_new(keys: Sequence[tuple[str, str]], new: set[tuple[str, str]]) -> list[bool]:
