@@ -17,19 +17,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from retailcrm_service.db import scratch_database
 
 BATCH = 100
 
@@ -163,13 +159,22 @@ def _wait(url: str, proc: subprocess.Popen[bytes]) -> None:
     raise RuntimeError("benchmark server did not start")
 
 
+async def _measure(seconds: float, concurrency: int) -> tuple[dict[str, float], dict[str, float]]:
+    async with scratch_database("bench_ingest") as dsn:
+        await _prepare(dsn)
+        nodb = await asyncio.to_thread(run_mode, "nodb", dsn, seconds, concurrency, 0)
+        durable = await asyncio.to_thread(
+            run_mode, "durable", dsn, seconds, concurrency, 50_000_000
+        )
+    return nodb, durable
+
+
 def run_mode(
     mode: str, dsn: str, seconds: float, concurrency: int, offset: int
 ) -> dict[str, float]:
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--serve", mode, "--port", str(port), "--dsn", dsn],
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        [sys.executable, __file__, "--serve", mode, "--port", str(port), "--dsn", dsn]
     )
     url = f"http://127.0.0.1:{port}/api/events"
     try:
@@ -184,9 +189,6 @@ def run_mode(
 async def _prepare(dsn: str) -> None:
     import asyncpg
 
-    from retailcrm_service.db import migrate
-
-    await migrate(dsn)
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute(
@@ -211,21 +213,8 @@ def main() -> int:
         serve(args.serve, args.port, args.dsn)
         return 0
 
-    server = None
-    dsn = os.environ.get("DATABASE_URL", "").strip()
-    if not dsn:
-        from tests.support.pg import EmbeddedPostgres
-
-        server = EmbeddedPostgres(tempfile.mkdtemp(prefix="vochi-bench-"))
-        dsn = server.admin_dsn
-    try:
-        asyncio.run(_prepare(dsn))
-        seconds = 6.0 if args.quick else 20.0
-        nodb = run_mode("nodb", dsn, seconds, args.concurrency, 0)
-        durable = run_mode("durable", dsn, seconds, args.concurrency, 50_000_000)
-    finally:
-        if server is not None:
-            server.close()
+    seconds = 6.0 if args.quick else 20.0
+    nodb, durable = asyncio.run(_measure(seconds, args.concurrency))
     ratio = durable["eps"] / nodb["eps"] if nodb["eps"] else 0.0
     print(f"{'mode':<10}{'events/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'requests':>10}")
     for name, result in (("durable", durable), ("nodb", nodb)):

@@ -17,17 +17,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import secrets
 import statistics
-import tempfile
 import timeit
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 
-from retailcrm_service.db import migrate, with_database
+from retailcrm_service.db import scratch_database
 from vochi_crm_client import EnablementMatrix
 
 ENTERPRISES = 5000
@@ -87,7 +84,6 @@ def _measure(matrix: EnablementMatrix, quick: bool) -> dict[str, float]:
 
 
 async def _run(dsn: str, quick: bool) -> dict[str, Any]:
-    await migrate(dsn)
     await _seed(dsn)
     async with EnablementMatrix(dsn=dsn, listen=False) as matrix:
         figures = _measure(matrix, quick)
@@ -96,25 +92,8 @@ async def _run(dsn: str, quick: bool) -> dict[str, Any]:
 
 
 async def _with_database(quick: bool) -> dict[str, Any]:
-    admin = os.environ.get("DATABASE_URL", "").strip()
-    server = None
-    if not admin:
-        import pgserver
-
-        server = pgserver.get_server(
-            Path(tempfile.mkdtemp(prefix="bench-pg-")), cleanup_mode="delete"
-        )
-        admin = server.get_uri()
-    name = f"bench_matrix_{secrets.token_hex(4)}"
-    conn = await asyncpg.connect(admin)
-    await conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        return await _run(with_database(admin, name), quick)
-    finally:
-        await conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        await conn.close()
-        if server is not None:
-            server.cleanup()
+    async with scratch_database("bench_matrix") as dsn:
+        return await _run(dsn, quick)
 
 
 def main() -> None:

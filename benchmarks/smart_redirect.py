@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import secrets
 import statistics
 import sys
@@ -40,7 +39,7 @@ import httpx
 import uvicorn
 
 from retailcrm_service.app import create_app
-from retailcrm_service.db import embedded_database_url, migrate, with_database
+from retailcrm_service.db import scratch_database
 from retailcrm_service.sandbox import AsyncSandboxServer
 from retailcrm_service.settings import Secret, Settings
 from retailcrm_service.smart_redirect import smart_redirect_component
@@ -52,28 +51,6 @@ TRUNK = "0001363"
 
 def _phone(i: int) -> str:
     return f"+37529{i:07d}"
-
-
-@contextlib.asynccontextmanager
-async def scratch_database() -> AsyncIterator[str]:
-    admin = os.environ.get("DATABASE_URL", "").strip()
-    tmp = None
-    if not admin:
-        tmp = tempfile.mkdtemp(prefix="bench-smart-")
-        admin = embedded_database_url(tmp)
-    name = f"bench_smart_{secrets.token_hex(4)}"
-    conn = await asyncpg.connect(admin)
-    await conn.execute(f'CREATE DATABASE "{name}"')
-    await conn.close()
-    dsn = with_database(admin, name)
-    try:
-        await migrate(dsn)
-        yield dsn
-    finally:
-        conn = await asyncpg.connect(admin)
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await conn.close()
-        del tmp  # the embedded server stops at exit (cleanup_mode="stop")
 
 
 async def seed(dsn: str, crm: AsyncSandboxServer, key: str) -> None:

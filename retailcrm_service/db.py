@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import secrets
+import tempfile
 import warnings
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -110,6 +114,33 @@ def embedded_database_url(data_dir: str | os.PathLike[str]) -> str:
         server = pgserver.get_server(pgdata, cleanup_mode="stop")
         _embedded_servers[pgdata] = server
     return str(server.get_uri())
+
+
+@contextlib.asynccontextmanager
+async def scratch_database(prefix: str = "vochi_scratch") -> AsyncIterator[str]:
+    """A throwaway migrated database (benchmarks, tools): on ``DATABASE_URL``'s server when set,
+    otherwise on a temporary embedded server that is stopped and deleted afterwards."""
+    admin = os.environ.get("DATABASE_URL", "").strip()
+    server = None
+    if not admin:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import pgserver
+        pgdata = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))  # deleted with the server
+        server = pgserver.get_server(pgdata, cleanup_mode="delete")
+        admin = str(server.get_uri())
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    conn = await asyncpg.connect(admin)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+        dsn = with_database(admin, name)
+        await migrate(dsn)
+        yield dsn
+    finally:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.close()
+        if server is not None:
+            server.cleanup()
 
 
 def database_url(environ: dict[str, str] | None = None) -> str:
