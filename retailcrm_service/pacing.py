@@ -7,13 +7,23 @@ We schedule below it (8 and 32 by default): each key has two virtual-time bucket
 the budget (``set_share``; the delivery workers count the live instances in PostgreSQL). A 503
 or 429 halves the key's rate; the rate climbs back linearly over ``recovery_seconds`` after the
 last penalty. Keys are held as digests, never as the secret itself.
+
+Two lanes share each bucket. Smart redirect's lookups are on the real-time path of an incoming
+call (the dialplan waits at most ~300 ms), delivery is durable and can wait: ``acquire(...,
+interactive=True)`` waiters get the bucket's next slot before any ordinary waiter, so a lookup
+waits at most about one slot interval however much delivery is queued on the same key. Slots are
+only taken when granted (waiters queue, nobody reserves the future), so both lanes together never
+exceed the bucket's rate, and a cancelled waiter (a lookup past its deadline) leaves nothing
+behind. With no interactive waiter, ordinary waiters get the whole budget.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -52,18 +62,44 @@ def key_id(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()[:12]
 
 
+# A wait this short is a float rounding artefact, not a real one (1 ns, far below any interval).
+_EPSILON = 1e-9
+
+
 class _Bucket:
-    __slots__ = ("tat",)
+    """One GCRA bucket and its waiters: interactive first, then ordinary, each in FIFO order."""
+
+    __slots__ = ("interactive", "ordinary", "tat")
 
     def __init__(self) -> None:
         self.tat = float("-inf")
+        self.interactive: deque[asyncio.Event] = deque()
+        self.ordinary: deque[asyncio.Event] = deque()
+
+    def wait_for_slot(self, now: float, interval: float, burst: int) -> float:
+        """How long until the next slot is free (0 when it is free now); takes nothing."""
+        return max(0.0, max(self.tat, now) - (burst - 1) * interval - now)
+
+    def take(self, now: float, interval: float) -> None:
+        self.tat = max(self.tat, now) + interval
 
     def reserve(self, now: float, interval: float, burst: int) -> float:
         """Take the next slot; returns how long the caller must wait for it."""
-        tat = max(self.tat, now)
-        delay = max(0.0, tat - (burst - 1) * interval - now)
-        self.tat = tat + interval
+        delay = self.wait_for_slot(now, interval, burst)
+        self.take(now, interval)
         return delay
+
+    def may_go(self, waiter: asyncio.Event | None, interactive: bool) -> bool:
+        """Whether ``waiter`` (None: a newcomer) is first in line for the next slot."""
+        queue = self.interactive if interactive else self.ordinary
+        first = queue[0] if queue else None
+        return first is waiter and (interactive or not self.interactive)
+
+    def wake(self) -> None:
+        """The line moved (a grant, a cancellation): let the first of each lane look again."""
+        for queue in (self.interactive, self.ordinary):
+            if queue:
+                queue[0].set()
 
 
 class _KeyState:
@@ -104,21 +140,43 @@ class Pacer:
         self._share = share
 
     def reserve(self, api_key: str, method: str) -> float:
-        """Take the next slot of the key's bucket for ``method``; returns the wait in seconds."""
-        state = self._state(api_key)
-        now = self._clock()
-        fraction = self._fraction(state, now)
-        if is_telephony(method):
-            rate, bucket = self._config.telephony_rps, state.telephony
-        else:
-            rate, bucket = self._config.general_rps, state.general
-        return bucket.reserve(now, 1.0 / (rate * fraction * self._share), self._config.burst)
+        """Take the next slot of the key's bucket for ``method`` at once; returns the wait.
 
-    async def acquire(self, api_key: str, method: str) -> None:
-        """Wait for the key's next slot for ``method``."""
-        delay = self.reserve(api_key, method)
-        if delay > 0:
-            await self._sleep(delay)
+        Outside the lanes (it does not queue); the pacing callers use ``acquire``.
+        """
+        state = self._state(api_key)
+        bucket = self._bucket(state, method)
+        now = self._clock()
+        return bucket.reserve(now, self._interval(state, method, now), self._config.burst)
+
+    async def acquire(self, api_key: str, method: str, *, interactive: bool = False) -> None:
+        """Wait for the key's next slot for ``method``.
+
+        ``interactive`` waiters (real-time lookups) are served before ordinary ones (delivery).
+        Cancelling a waiter gives up its place; no slot is taken unless granted.
+        """
+        state = self._state(api_key)
+        bucket = self._bucket(state, method)
+        if bucket.may_go(None, interactive) and self._try_take(state, bucket, method) <= 0:
+            return
+        waiter = asyncio.Event()
+        queue = bucket.interactive if interactive else bucket.ordinary
+        queue.append(waiter)
+        try:
+            while True:
+                waiter.clear()
+                if not bucket.may_go(waiter, interactive):
+                    await waiter.wait()
+                    continue
+                delay = self._try_take(state, bucket, method)
+                if delay <= 0:
+                    queue.popleft()
+                    return
+                await self._sleep(delay)
+        finally:
+            with contextlib.suppress(ValueError):
+                queue.remove(waiter)  # cancelled before its turn
+            bucket.wake()
 
     def penalise(self, api_key: str) -> None:
         """RetailCRM said 503/429 for this key: slow it down."""
@@ -146,6 +204,23 @@ class Pacer:
         if state is None:
             state = self._keys[name] = _KeyState()
         return state
+
+    def _bucket(self, state: _KeyState, method: str) -> _Bucket:
+        return state.telephony if is_telephony(method) else state.general
+
+    def _interval(self, state: _KeyState, method: str, now: float) -> float:
+        rate = self._config.telephony_rps if is_telephony(method) else self._config.general_rps
+        return 1.0 / (rate * self._fraction(state, now) * self._share)
+
+    def _try_take(self, state: _KeyState, bucket: _Bucket, method: str) -> float:
+        """Take the slot if it is free now (returns 0), else return how long until it is."""
+        now = self._clock()
+        interval = self._interval(state, method, now)
+        delay = bucket.wait_for_slot(now, interval, self._config.burst)
+        if delay <= _EPSILON:
+            bucket.take(now, interval)
+            return 0.0
+        return delay
 
     def _fraction(self, state: _KeyState, now: float) -> float:
         if state.fraction >= 1.0:

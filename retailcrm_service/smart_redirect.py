@@ -11,7 +11,8 @@ Real-time rules: every decision is bounded by a hard deadline (default 300 ms) a
 ``SmartRedirect`` (an ``async with`` object), and keep running after a deadline so that the answer
 lands in the cache for the caller's next try. Answers are cached per enterprise: found managers
 for minutes, "nobody" for less, errors for seconds. Lookups are paced with the shared ``Pacer``
-(``telephony/manager`` counts against the 40 req/s telephony budget).
+(``telephony/manager`` counts against the 40 req/s telephony budget) on its interactive lane, ahead
+of queued delivery.
 """
 
 from __future__ import annotations
@@ -573,7 +574,8 @@ class SmartRedirect:
 
     async def _paced(self, config: RetailCrmConfig, method: str) -> None:
         if self._pacer is not None and config.api_key is not None:
-            await self._pacer.acquire(config.api_key.get_secret_value(), method)
+            # The interactive lane: a lookup goes before the key's queued delivery requests.
+            await self._pacer.acquire(config.api_key.get_secret_value(), method, interactive=True)
 
     async def _ask_crm(self, config: RetailCrmConfig, digits: str) -> Lookup:
         client = self._client_for(config)
