@@ -25,7 +25,7 @@ from retailcrm_service.ingest import (
     parse_events,
 )
 from retailcrm_service.outbox import OutboxError, replay
-from retailcrm_service.routes import ApiError, read_json
+from retailcrm_service.routes import ApiError, read_body, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -49,18 +49,9 @@ def _reject_constant(name: str) -> Any:
 async def read_events_body(request: Request) -> Any:
     """The JSON body, strictly: NaN/Infinity (not JSON, and PostgreSQL refuses them) and nesting
     too deep to decode are 400s like any other unparseable body; over 1 MiB is a 413."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise ApiError(413, "too_large", f"body larger than {MAX_BODY_BYTES} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise ApiError(413, "too_large", f"body larger than {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
+    body = await read_body(request, max_bytes=MAX_BODY_BYTES)
     try:
-        return json.loads(b"".join(chunks), parse_constant=_reject_constant)
+        return json.loads(body, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
 
