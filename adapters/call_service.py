@@ -219,9 +219,9 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> CallS
     dsn = environ.get("DATABASE_URL", "").strip()
     if not dsn:
         # Adapters may use the service's plumbing (the library may not): the embedded PostgreSQL.
-        from retailcrm_service.db import database_url
+        from retailcrm_service.storage.database import database_url
 
-        dsn = database_url(dict(environ))
+        dsn = database_url(None, environ.get("RETAILCRM_DATA_DIR", "").strip() or "./.vochi-data")
     return CallServiceSettings(
         dsn=dsn, targets=parse_targets(raw), forward_internal=args.forward_internal
     )

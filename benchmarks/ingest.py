@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from retailcrm_service.db import scratch_database
+from retailcrm_service.storage.database import scratch_database
 
 BATCH = 100
 
@@ -44,9 +44,11 @@ def serve(mode: str, port: int, dsn: str) -> None:
     import uvicorn
     from fastapi import FastAPI
 
-    from retailcrm_service.ingest import EventPipeline, NullCommitter
-    from retailcrm_service.routes import events, install_error_handlers
-    from retailcrm_service.settings import Secret, Settings
+    from retailcrm_service.api import events
+    from retailcrm_service.api.http import install_error_handlers
+    from retailcrm_service.pipeline.intake import EventPipeline, NullCommitter
+    from retailcrm_service.security.secrets import Secret
+    from retailcrm_service.settings import Settings
 
     async def lifespan(app: FastAPI) -> Any:
         pool = await asyncpg.create_pool(dsn, min_size=2, max_size=4)

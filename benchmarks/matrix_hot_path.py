@@ -24,7 +24,7 @@ from typing import Any
 
 import asyncpg
 
-from retailcrm_service.db import scratch_database
+from retailcrm_service.storage.database import scratch_database
 from vochi_crm_client import EnablementMatrix
 
 ENTERPRISES = 5000

@@ -39,10 +39,10 @@ import httpx
 import uvicorn
 
 from retailcrm_service.app import create_app
-from retailcrm_service.db import scratch_database
 from retailcrm_service.sandbox import AsyncSandboxServer
-from retailcrm_service.settings import Secret, Settings
-from retailcrm_service.smart_redirect import smart_redirect_component
+from retailcrm_service.security.secrets import Secret
+from retailcrm_service.settings import Settings
+from retailcrm_service.storage.database import scratch_database
 
 ENTERPRISE = "0367"
 TOKEN = f"bench-{secrets.token_hex(8)}"  # the enterprise's Asterisk token (name2)
@@ -83,7 +83,7 @@ async def seed(dsn: str, crm: AsyncSandboxServer, key: str) -> None:
 
 @contextlib.asynccontextmanager
 async def running(settings: Settings) -> AsyncIterator[str]:
-    app = create_app(settings, components=[("smart_redirect", smart_redirect_component)])
+    app = create_app(settings, parts={"smart_redirect"})
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False)
     )

@@ -5,21 +5,32 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from retailcrm_service.app import serve
+    import dataclasses
 
-    serve(host=args.host, port=args.port)
+    from retailcrm_service.app import serve
+    from retailcrm_service.settings import Settings
+
+    # Flag over environment over default: the flags default to None, meaning "not given".
+    settings = Settings.from_env()
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if overrides:
+        settings = dataclasses.replace(settings, **overrides)
+    serve(settings)
     return 0
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
-    from retailcrm_service.db import database_url, migrate
+    from retailcrm_service.settings import data_dir_from, database_url_from
+    from retailcrm_service.storage.database import database_url, migrate
 
-    applied = asyncio.run(migrate(database_url()))
+    env = dict(os.environ)
+    applied = asyncio.run(migrate(database_url(database_url_from(env), data_dir_from(env))))
     print(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
     return 0
 
@@ -32,7 +43,7 @@ def _cmd_sandbox(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from retailcrm_service.demo import DemoPorts, run
+    from retailcrm_service.ops.demo import DemoPorts, run
 
     ports = DemoPorts(
         sandbox=args.sandbox_port, service=args.service_port, call_service=args.call_service_port
@@ -41,10 +52,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
-    from retailcrm_service.auth import admin_link_command
+    from retailcrm_service.security.admin_auth import admin_link_command
 
     print(admin_link_command(args.enterprise_number, ttl_seconds=args.ttl))
     return 0
+
+
+def _port(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {raw!r}") from None
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"port must be 1..65535, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,8 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the HTTP service")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8019)
+    serve.add_argument(
+        "--host", default=None, help="address to listen on (default: RETAILCRM_HOST or 127.0.0.1)"
+    )
+    serve.add_argument(
+        "--port", type=_port, default=None, help="port (default: RETAILCRM_PORT or 8019)"
+    )
     serve.set_defaults(func=_cmd_serve)
 
     migrate = sub.add_parser("migrate", help="apply pending database migrations")
@@ -99,8 +124,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Chatty third-party loggers: pgserver echoes initdb's output, httpx logs every request.
     for name in ("pgserver", "httpx", "httpcore"):
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
+    from retailcrm_service.settings import SettingsError
+
     try:
         return int(args.func(args) or 0)
+    except SettingsError as exc:
+        print(f"retailcrm-service: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -1,27 +1,39 @@
-"""The service's settings, read once from the environment (ARCHITECTURE.md §5).
+"""The service's settings: the only module that reads the environment (docs/operations.md).
 
-Public names:
+``Settings.from_env(environ=None)`` reads every variable once, validates it and names the variable
+in the error (``SettingsError``); command-line flags are applied over it by the CLI
+(flag > environment > default). Components receive the parts they need (``settings.asterisk``,
+``settings.pipeline``), never the environment.
 
-- ``Secret``: a string whose ``repr``/``str`` are masked (``***`` plus at most the last 4 chars);
-  read it with ``.get_secret_value()``.
-- ``Settings``: a frozen, validated dataclass; ``Settings.from_env(environ=None)`` builds it.
-
-Environment variables:
-
-| variable | field | default |
+| variable | default | meaning |
 |---|---|---|
-| ``DATABASE_URL`` | ``database_url`` (Secret) | embedded PostgreSQL under the data dir |
-| ``RETAILCRM_HOST`` / ``RETAILCRM_PORT`` | ``host`` / ``port`` | ``127.0.0.1`` / ``8019`` |
-| ``RETAILCRM_JWT_SECRET`` | ``jwt_secret`` (Secret) | generated into ``<data dir>/jwt_secret`` |
-| ``RETAILCRM_SECRET_KEY`` | ``secret_key`` (Secret or None) | None: API keys stored as given |
-| ``RETAILCRM_PUBLIC_URL`` | ``public_url`` | ``http://127.0.0.1:<port>`` |
-| ``RETAILCRM_INTERNAL_TOKEN`` | ``internal_token`` (Secret or None) | None: loopback callers only |
-| ``RETAILCRM_ALLOW_HTTP`` | ``allow_http`` | false; ``1`` allows ``http://127.0.0.1:<port>`` |
-| ``RETAILCRM_DATA_DIR`` | ``data_dir`` | ``./.vochi-data`` |
-| ``RETAILCRM_LOG_RETENTION_DAYS`` | ``log_retention_days`` | 30 (0 keeps logs forever) |
-| ``RETAILCRM_MODULE_CODE`` | ``module_code`` | ``vochi-telephony`` |
-| ``RETAILCRM_API_TIMEOUT`` | ``retailcrm_timeout`` | 3.0 s |
-| ``RETAILCRM_SSH_*`` | ``asterisk.AsteriskSettings.from_env`` | see there |
+| ``DATABASE_URL`` | embedded PostgreSQL under the data dir | PostgreSQL DSN |
+| ``RETAILCRM_HOST`` / ``RETAILCRM_PORT`` | ``127.0.0.1`` / ``8019`` | where ``serve`` listens |
+| ``RETAILCRM_DATA_DIR`` | ``./.vochi-data`` | embedded PostgreSQL, dev JWT secret |
+| ``RETAILCRM_JWT_SECRET`` | generated under the data dir | admin session signing key (32+) |
+| ``RETAILCRM_SECRET_KEY`` | unset: API keys stored as given | encrypts API keys at rest |
+| ``RETAILCRM_PUBLIC_URL`` | ``http://127.0.0.1:<port>`` | base of accountUrl / makeCallUrl |
+| ``RETAILCRM_INTERNAL_TOKEN`` | unset: loopback only | lets non-loopback internal callers in |
+| ``RETAILCRM_ALLOW_HTTP`` | ``0`` | ``1`` allows ``http://127.0.0.1:<port>`` CRM domains |
+| ``RETAILCRM_LOG_RETENTION_DAYS`` | ``30`` | ``integration_logs`` retention (0: forever) |
+| ``RETAILCRM_MODULE_CODE`` | ``vochi-telephony`` | the RetailCRM integration module's code |
+| ``RETAILCRM_API_TIMEOUT`` | ``3.0`` | seconds per RetailCRM request |
+| ``RETAILCRM_OUTBOX_POPUP_TTL`` | ``30`` | seconds a popup stays worth sending |
+| ``RETAILCRM_OUTBOX_LEASE_SECONDS`` | ``60`` | how long a claimed row is ours |
+| ``RETAILCRM_OUTBOX_MAX_ATTEMPTS`` | ``200`` | attempts before a row is dead-lettered |
+| ``RETAILCRM_OUTBOX_RETRY_CAP`` | ``300`` | longest wait between attempts, seconds |
+| ``RETAILCRM_OUTBOX_RETENTION_DAYS`` | ``7`` | how long settled rows are kept |
+| ``RETAILCRM_DELIVERY_POLL_INTERVAL`` | ``0.5`` | delivery's poll when no commit wakes it |
+| ``RETAILCRM_DELIVERY_BREAKER_OPEN_MAX`` | ``60`` | longest open period of an account's breaker |
+| ``RETAILCRM_PACING_GENERAL_RPS`` | ``8`` | requests/s per API key (RetailCRM allows 10) |
+| ``RETAILCRM_PACING_TELEPHONY_RPS`` | ``32`` | telephony requests/s per key (RetailCRM: 40) |
+| ``RETAILCRM_SSH_USER`` | ``root`` | SSH user on Asterisk hosts |
+| ``RETAILCRM_SSH_KEY`` | unset: the agent's/default keys | private key file |
+| ``RETAILCRM_SSH_KNOWN_HOSTS`` | ``~/.ssh/known_hosts`` | host keys (unknown keys are refused) |
+| ``RETAILCRM_SSH_PORT`` | ``22`` | SSH port of Asterisk hosts |
+| ``RETAILCRM_SSH_CONNECT_TIMEOUT`` | ``5`` | seconds |
+| ``RETAILCRM_SSH_COMMAND_TIMEOUT`` | ``10`` | seconds |
+| ``RETAILCRM_SSH_IDLE_CLOSE`` | ``60`` | seconds before an idle connection closes |
 
 In dev, with no ``RETAILCRM_JWT_SECRET``, a random secret is generated and persisted under the data
 dir (mode 0600) rather than running without auth; a ``settings.jwt_secret_generated`` log line
@@ -31,6 +43,7 @@ says so.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 from collections.abc import Mapping
@@ -39,55 +52,21 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from retailcrm_service.crm.pacing import PacingConfig
+from retailcrm_service.pipeline.delivery import DeliveryConfig
+from retailcrm_service.pipeline.outbox import OutboxConfig
+from retailcrm_service.security.secrets import Secret
+from retailcrm_service.telephony.asterisk_ssh import AsteriskSettings
+from vochi_crm_client import BackoffPolicy, BreakerConfig
+
 logger = logging.getLogger(__name__)
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
 
 
-class Secret:
-    """A secret string: masked in ``repr``/``str``, compared in constant time."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        if not isinstance(value, str):
-            raise TypeError("Secret wraps a str")
-        self._value = value
-
-    def get_secret_value(self) -> str:
-        return self._value
-
-    @property
-    def masked(self) -> str:
-        return mask(self._value)
-
-    def __repr__(self) -> str:
-        return f"Secret('{self.masked}')"
-
-    def __str__(self) -> str:
-        return self.masked
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Secret):
-            return NotImplemented
-        return secrets.compare_digest(self._value.encode(), other._value.encode())
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-    def __bool__(self) -> bool:
-        return bool(self._value)
-
-    def __reduce__(self) -> Any:  # pickling would be a way to leak it
-        raise TypeError("Secret cannot be pickled")
-
-
-def mask(value: str) -> str:
-    """``***`` plus the last 4 chars, only when the value is long enough to stay mostly hidden."""
-    if len(value) >= 16:
-        return "***" + value[-4:]
-    return "***"
+class SettingsError(ValueError):
+    """A setting's value is unusable; the message names the variable."""
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool = False) -> bool:
@@ -99,7 +78,7 @@ def _flag(env: Mapping[str, str], name: str, default: bool = False) -> bool:
         return True
     if value in _FALSE:
         return False
-    raise ValueError(f"{name} must be 1 or 0, got {raw!r}")
+    raise SettingsError(f"{name} must be 1 or 0, got {raw!r}")
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -109,7 +88,7 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
 
 
 def _float(env: Mapping[str, str], name: str, default: float) -> float:
@@ -117,9 +96,12 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     if not raw:
         return default
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
-        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise SettingsError(f"{name} must be a finite number, got {raw!r}")
+    return value
 
 
 def _optional_secret(env: Mapping[str, str], name: str) -> Secret | None:
@@ -151,6 +133,14 @@ def dev_jwt_secret(data_dir: Path) -> Secret:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PipelineSettings:
+    """The outbox's and the delivery workers' policies."""
+
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     """Everything the service reads from the environment; validated when built."""
 
@@ -170,7 +160,8 @@ class Settings:
     admin_session_ttl_seconds: int = 12 * 3600
     db_pool_min_size: int = 1
     db_pool_max_size: int = 10
-    # RETAILCRM_SSH_* live in retailcrm_service.asterisk.AsteriskSettings (read by its component).
+    asterisk: AsteriskSettings = field(default_factory=AsteriskSettings)
+    pipeline: PipelineSettings = field(default_factory=lambda: PipelineSettings())
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -201,17 +192,18 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Read the settings from ``environ`` (default ``os.environ``)."""
+        """Read the settings from ``environ`` (default ``os.environ``); ``SettingsError`` names
+        the variable whose value is unusable."""
         env = os.environ if environ is None else environ
-        data_dir = Path(env.get("RETAILCRM_DATA_DIR", "").strip() or "./.vochi-data")
+        data_dir = data_dir_from(env)
         db_url = env.get("DATABASE_URL", "").strip()
         if not db_url:
-            from retailcrm_service import db
+            from retailcrm_service.storage.database import embedded_database_url
 
-            db_url = db.database_url({"RETAILCRM_DATA_DIR": str(data_dir)})
+            db_url = embedded_database_url(data_dir)
         jwt_raw = env.get("RETAILCRM_JWT_SECRET", "").strip()
         jwt_secret = Secret(jwt_raw) if jwt_raw else dev_jwt_secret(data_dir)
-        return cls(
+        values = dict(
             database_url=Secret(db_url),
             jwt_secret=jwt_secret,
             host=env.get("RETAILCRM_HOST", "").strip() or "127.0.0.1",
@@ -224,4 +216,92 @@ class Settings:
             log_retention_days=_int(env, "RETAILCRM_LOG_RETENTION_DAYS", 30),
             module_code=env.get("RETAILCRM_MODULE_CODE", "").strip() or "vochi-telephony",
             retailcrm_timeout=_float(env, "RETAILCRM_API_TIMEOUT", 3.0),
+            asterisk=asterisk_from(env),
+            pipeline=pipeline_from(env),
         )
+        return _built(cls, values, _FIELD_VARIABLES)
+
+
+# Which variable a Settings field comes from, so a validation error can name it.
+_FIELD_VARIABLES = {
+    "port": "RETAILCRM_PORT",
+    "jwt_secret": "RETAILCRM_JWT_SECRET",
+    "log_retention_days": "RETAILCRM_LOG_RETENTION_DAYS",
+    "retailcrm_timeout": "RETAILCRM_API_TIMEOUT",
+    "public_url": "RETAILCRM_PUBLIC_URL",
+}
+
+
+def _built(cls: Any, values: dict[str, Any], variables: Mapping[str, str]) -> Any:
+    try:
+        return cls(**values)
+    except SettingsError:
+        raise
+    except ValueError as exc:
+        message = str(exc)
+        named = [v for f, v in variables.items() if f in message or v in message]
+        if named and named[0] not in message:
+            message = f"{named[0]}: {message}"
+        raise SettingsError(message) from None
+
+
+def data_dir_from(env: Mapping[str, str]) -> Path:
+    """``RETAILCRM_DATA_DIR`` (default ``./.vochi-data``)."""
+    return Path(env.get("RETAILCRM_DATA_DIR", "").strip() or "./.vochi-data")
+
+
+def database_url_from(env: Mapping[str, str] | None = None) -> str | None:
+    """``DATABASE_URL`` when set (else None: the caller decides on an embedded server)."""
+    env = os.environ if env is None else env
+    return env.get("DATABASE_URL", "").strip() or None
+
+
+def asterisk_from(env: Mapping[str, str]) -> AsteriskSettings:
+    """``RETAILCRM_SSH_*``."""
+    defaults = AsteriskSettings()
+    values = dict(
+        user=env.get("RETAILCRM_SSH_USER", "").strip() or defaults.user,
+        key_path=env.get("RETAILCRM_SSH_KEY", "").strip() or None,
+        known_hosts=env.get("RETAILCRM_SSH_KNOWN_HOSTS", "").strip() or defaults.known_hosts,
+        port=_int(env, "RETAILCRM_SSH_PORT", defaults.port),
+        connect_timeout=_float(env, "RETAILCRM_SSH_CONNECT_TIMEOUT", defaults.connect_timeout),
+        command_timeout=_float(env, "RETAILCRM_SSH_COMMAND_TIMEOUT", defaults.command_timeout),
+        idle_close=_float(env, "RETAILCRM_SSH_IDLE_CLOSE", defaults.idle_close),
+    )
+    variables = {
+        "user": "RETAILCRM_SSH_USER",
+        "port": "RETAILCRM_SSH_PORT",
+        "known_hosts": "RETAILCRM_SSH_KNOWN_HOSTS",
+        "connect_timeout": "RETAILCRM_SSH_CONNECT_TIMEOUT",
+        "command_timeout": "RETAILCRM_SSH_COMMAND_TIMEOUT",
+        "idle_close": "RETAILCRM_SSH_IDLE_CLOSE",
+    }
+    return _built(AsteriskSettings, values, variables)  # type: ignore[no-any-return]
+
+
+def pipeline_from(env: Mapping[str, str]) -> PipelineSettings:
+    """``RETAILCRM_OUTBOX_*``, ``RETAILCRM_DELIVERY_*`` and ``RETAILCRM_PACING_*``."""
+    retry_cap = _float(env, "RETAILCRM_OUTBOX_RETRY_CAP", 300.0)
+    open_max = _float(env, "RETAILCRM_DELIVERY_BREAKER_OPEN_MAX", 60.0)
+    try:
+        outbox = OutboxConfig(
+            popup_ttl=_float(env, "RETAILCRM_OUTBOX_POPUP_TTL", 30.0),
+            lease_seconds=_float(env, "RETAILCRM_OUTBOX_LEASE_SECONDS", 60.0),
+            max_attempts=_int(env, "RETAILCRM_OUTBOX_MAX_ATTEMPTS", 200),
+            retention_days=_float(env, "RETAILCRM_OUTBOX_RETENTION_DAYS", 7.0),
+            retry=BackoffPolicy(base=min(1.0, retry_cap), cap=retry_cap),
+        )
+    except ValueError as exc:
+        raise SettingsError(f"RETAILCRM_OUTBOX_*: {exc}") from None
+    try:
+        delivery = DeliveryConfig(
+            poll_interval=_float(env, "RETAILCRM_DELIVERY_POLL_INTERVAL", 0.5),
+            breaker=BreakerConfig(open_base=min(2.0, open_max), open_max=open_max),
+            pacing=PacingConfig(
+                general_rps=_float(env, "RETAILCRM_PACING_GENERAL_RPS", 8.0),
+                telephony_rps=_float(env, "RETAILCRM_PACING_TELEPHONY_RPS", 32.0),
+            ),
+        )
+    except ValueError as exc:
+        raise SettingsError(f"RETAILCRM_DELIVERY_*/RETAILCRM_PACING_*: {exc}") from None
+    return PipelineSettings(outbox=outbox, delivery=delivery)

@@ -8,7 +8,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from retailcrm_service.asterisk import (
+from retailcrm_service.telephony.asterisk_ssh import (
     AsteriskControl,
     AsteriskTimeout,
     AsteriskUnavailable,

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from retailcrm_service.db import migrate
+from retailcrm_service.storage.database import migrate
 from tests.support.pg import EmbeddedPostgres
 from tests.support.pipeline import (  # noqa: F401  (api_key, crm, enterprise: pytest fixtures)
     ACCOUNT,

@@ -14,8 +14,10 @@ import httpx
 import jwt
 import pytest
 
-from retailcrm_service import auth, cli
-from retailcrm_service.settings import Secret, Settings
+from retailcrm_service import cli
+from retailcrm_service.security import admin_auth as auth
+from retailcrm_service.security.secrets import Secret
+from retailcrm_service.settings import Settings
 from tests.support.pg import create_enterprise
 from tests.support.service import RunningService, running_service, service_settings
 

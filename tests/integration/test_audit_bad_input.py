@@ -13,7 +13,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from retailcrm_service.smart_redirect import smart_redirect_component
 from tests.support.pg import create_enterprise
 from tests.support.service import RunningService, running_service, service_settings
 
@@ -392,10 +391,10 @@ async def test_fuzzed_dialplan_and_smart_redirect_bodies_never_500(
         pairs.append((dialplan, redirect))
 
     collect()
-    components = [("smart_redirect", smart_redirect_component)]
+    parts = {"smart_redirect"}
     failures: list[str] = []
     async with (
-        running_service(service_settings(database_url), components=components) as svc,
+        running_service(service_settings(database_url), parts=parts) as svc,
         httpx.AsyncClient(base_url=svc.url, timeout=10) as client,
     ):
         assert (await client.put("/api/config/0367", json=GOOD)).status_code == 200

@@ -15,7 +15,6 @@ import asyncpg
 import httpx
 import pytest
 
-from retailcrm_service.ingest import events_component
 from tests.support.pg import create_enterprise
 from tests.support.service import running_service, service_settings
 
@@ -32,9 +31,9 @@ def _event(unique_id: str, **payload: Any) -> dict[str, Any]:
 
 
 async def _post(database_url: str, body: bytes) -> httpx.Response:
-    components = [("events", events_component)]
+    parts = {"events"}
     async with (
-        running_service(service_settings(database_url), components=components) as svc,
+        running_service(service_settings(database_url), parts=parts) as svc,
         httpx.AsyncClient(base_url=svc.url, timeout=20) as http,
     ):
         return await http.post(

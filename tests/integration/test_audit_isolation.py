@@ -11,9 +11,8 @@ import asyncpg
 import httpx
 import pytest
 
-from retailcrm_service import auth
 from retailcrm_service.sandbox import AsyncSandboxServer
-from retailcrm_service.smart_redirect import smart_redirect_component
+from retailcrm_service.security import admin_auth as auth
 from tests.integration.test_smart_redirect import (
     CUSTOMER,
     MANAGER,
@@ -211,9 +210,9 @@ async def test_a_remote_dialplan_host_cannot_use_another_enterprises_public_numb
     ) as crm:
         row = await add_enterprise(db, B, crm, key, extensions={"7": "150"})
         settings = service_settings(database_url)
-        components = [("smart_redirect", smart_redirect_component)]
+        parts = {"smart_redirect"}
         async with (
-            running_service(settings, components=components) as svc,
+            running_service(settings, parts=parts) as svc,
             httpx.AsyncClient(base_url=svc.url, timeout=10) as http,
         ):
 

@@ -10,9 +10,8 @@ import asyncpg
 import httpx
 import pytest
 
-from retailcrm_service.logs import IntegrationLogWriter, pg_sink
 from retailcrm_service.sandbox import AsyncSandboxServer
-from retailcrm_service.smart_redirect import smart_redirect_component
+from retailcrm_service.storage.journal import IntegrationLogWriter, pg_sink
 from tests.support.pg import create_enterprise
 from tests.support.service import running_service, service_settings
 
@@ -61,9 +60,9 @@ async def test_a_hostile_phone_through_smart_redirect_is_journaled_not_lost(
     database_url: str, db: asyncpg.Connection
 ) -> None:
     await create_enterprise(db, "0367", integrations={"retailcrm": {"enabled": False}})
-    components = [("smart_redirect", smart_redirect_component)]
+    parts = {"smart_redirect"}
     async with (
-        running_service(service_settings(database_url), components=components) as svc,
+        running_service(service_settings(database_url), parts=parts) as svc,
         httpx.AsyncClient(base_url=svc.url, timeout=10) as http,
     ):
         reply = await http.post(

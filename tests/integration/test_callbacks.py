@@ -7,7 +7,7 @@ import secrets
 
 import asyncpg
 
-from retailcrm_service.routes.callbacks import CallbackLimiter
+from retailcrm_service.api.callbacks import CallbackLimiter
 from retailcrm_service.sandbox import AsyncSandboxServer
 from tests.support.crm_stack import PHONE, Stack, add_enterprise, sandbox, service
 from tests.support.sshd import SshServer, ssh_fixture, sshd_fixture  # noqa: F401
@@ -92,7 +92,7 @@ async def test_unknown_client_id_gets_401_and_reaches_nothing(
             status = await stack.http.post(
                 "/retailcrm/status", data={"clientId": "x" * 43, "userId": "7", "status": "busy"}
             )
-            asterisk = stack.svc.runtime.components["asterisk"]
+            asterisk = stack.svc.runtime.asterisk
             jobs = asterisk.stats()["jobs_started"]
     assert callback["status"] == 401
     assert direct.status_code == 401

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from retailcrm_service.config_store import ConfigIn, validate_domain
+from retailcrm_service.storage.config_writes import ConfigIn, validate_domain
 
 ACCEPTED = {
     "https://acme.retailcrm.ru": "https://acme.retailcrm.ru",

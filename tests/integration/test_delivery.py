@@ -13,11 +13,11 @@ from typing import Any
 import asyncpg
 import pytest
 
-from retailcrm_service.config import load_config
-from retailcrm_service.delivery import DeliveryConfig, DeliveryService
-from retailcrm_service.logs import IntegrationLogWriter, pg_sink
-from retailcrm_service.outbox import GroupCommitter, OutboxConfig, StoredEvent
+from retailcrm_service.pipeline.delivery import DeliveryConfig, DeliveryService
+from retailcrm_service.pipeline.outbox import GroupCommitter, OutboxConfig, StoredEvent
 from retailcrm_service.sandbox import SandboxServer
+from retailcrm_service.storage.enterprise_configs import load_config
+from retailcrm_service.storage.journal import IntegrationLogWriter, pg_sink
 from tests.support.pipeline import add_enterprise, prepare_sandbox
 from vochi_crm_client._backoff import BackoffPolicy
 from vochi_crm_client._config import BreakerConfig

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from retailcrm_service.app import create_app
 from retailcrm_service.sandbox import SandboxServer
-from retailcrm_service.settings import Secret, Settings
+from retailcrm_service.security.secrets import Secret
+from retailcrm_service.settings import Settings
 from tests.support.pipeline import (
     USER_EXTENSIONS,
     add_enterprise,

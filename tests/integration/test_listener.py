@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 
-from retailcrm_service.db import with_database
+from retailcrm_service.storage.database import with_database
 from tests.support.pg import EmbeddedPostgres, create_enterprise
 from vochi_crm_client import BackoffPolicy, Change, ChangeListener, ListenerSettings
 

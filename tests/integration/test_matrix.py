@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from retailcrm_service.db import migrate
+from retailcrm_service.storage.database import migrate
 from tests.support.pg import EmbeddedPostgres, create_enterprise
 from vochi_crm_client import (
     NOT_LOADED,

@@ -9,7 +9,7 @@ import secrets
 import asyncpg
 import pytest
 
-from retailcrm_service.db import load_migrations, migrate, with_database
+from retailcrm_service.storage.database import load_migrations, migrate, with_database
 from tests.support.pg import PgHarness, create_enterprise
 
 

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
+import logging
 
 import asyncpg
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from retailcrm_service.app import Runtime
-from retailcrm_service.db import migrate
-from retailcrm_service.logs import pg_purge
+from retailcrm_service.storage.database import migrate
+from retailcrm_service.storage.journal import pg_purge
 from tests.support.pg import EmbeddedPostgres, create_enterprise
 from tests.support.service import running_service, service_settings
 
@@ -71,30 +70,30 @@ async def test_health_degrades_while_the_database_is_down_and_recovers(
     assert recovered.json()["status"] == "ok"
 
 
-async def test_components_start_in_order_after_the_core_and_stop_in_reverse(
-    database_url: str,
+async def test_parts_start_in_the_documented_order_and_their_stats_go_with_them(
+    database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    events: list[str] = []
-
-    def component(name: str):
-        @contextlib.asynccontextmanager
-        async def factory(runtime: Runtime) -> AsyncIterator[str]:
-            assert runtime.pool is not None
-            assert runtime.configs is not None
-            events.append(f"enter {name}")
-            runtime.metrics.add_source(name, lambda: {"value": 1})
-            yield f"{name}-handle"
-            events.append(f"exit {name}")
-
-        return factory
-
-    components = [("first", component("first")), ("second", component("second"))]
-    async with running_service(service_settings(database_url), components=components) as svc:
-        assert svc.runtime.components == {"first": "first-handle", "second": "second-handle"}
+    caplog.set_level(logging.INFO, logger="retailcrm_service.runtime")
+    parts = {"events", "asterisk", "smart_redirect"}
+    async with running_service(service_settings(database_url), parts=parts) as svc:
+        runtime = svc.runtime
+        assert runtime.events is not None
+        assert runtime.smart_redirect is not None
+        assert runtime.call_control is not None
+        assert runtime.events.delivery is not None
+        assert runtime.events.delivery.pacer is runtime.pacer  # one budget per API key
         async with httpx.AsyncClient(base_url=svc.url) as http:
             stats = (await http.get("/stats")).json()
-        assert stats["first"] == {"value": 1}
-    assert events == ["enter first", "enter second", "exit second", "exit first"]
+        assert stats["service"]["components"] == ["asterisk", "events", "smart_redirect"]
+        assert {"outbox", "asterisk", "smart_redirect", "config_cache"} <= set(stats)
+        metrics = runtime.metrics
+    started = [
+        r.getMessage().split("name=")[1]
+        for r in caplog.records
+        if r.getMessage().startswith("runtime.part_started")
+    ]
+    assert started == ["events", "asterisk", "smart_redirect"]
+    assert metrics.snapshot() == {}  # every stats source left with its part
 
 
 async def test_retention_deletes_only_old_rows_of_this_integration(

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from retailcrm_service.outbox import (
+from retailcrm_service.pipeline.outbox import (
     GroupCommitter,
     OutboxConfig,
     OutboxStore,

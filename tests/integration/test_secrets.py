@@ -9,8 +9,8 @@ import asyncpg
 import httpx
 import pytest
 
-from retailcrm_service import auth
 from retailcrm_service.sandbox import AsyncSandboxServer
+from retailcrm_service.security import admin_auth as auth
 from tests.support.pg import create_enterprise
 from tests.support.service import running_service, service_settings
 

@@ -21,9 +21,8 @@ from typing import Any
 import asyncpg
 import httpx
 
-from retailcrm_service.asterisk import AsteriskControl
 from retailcrm_service.sandbox import AsyncSandboxServer
-from retailcrm_service.smart_redirect import SmartRedirect, smart_redirect_component
+from retailcrm_service.telephony.smart_redirect import SmartRedirect
 from tests.support.pg import create_enterprise
 from tests.support.service import RunningService, running_service, service_settings
 from tests.support.sshd import SshServer
@@ -89,7 +88,7 @@ class Stack:
 
     async def settle_jobs(self) -> None:
         """Wait for background SSH jobs to finish, then for their journal rows to be stored."""
-        asterisk = self.svc.runtime.components.get("asterisk")
+        asterisk = self.svc.runtime.asterisk
         for _ in range(400):
             if asterisk is None or not asterisk.stats()["background_jobs"]:
                 break
@@ -98,20 +97,19 @@ class Stack:
 
     @property
     def smart(self) -> SmartRedirect:
-        smart = self.svc.runtime.components["smart_redirect"]
-        assert isinstance(smart, SmartRedirect)
-        return smart
+        return self.svc.runtime.need_smart_redirect()
 
 
 @asynccontextmanager
 async def service(database_url: str, ssh: SshServer | None = None) -> AsyncIterator[Stack]:
-    components: list[Any] = []
+    parts = {"smart_redirect"}
+    overrides: dict[str, Any] = {}
     if ssh is not None:
-        components.append(("asterisk", lambda runtime: AsteriskControl(settings=ssh.settings())))
-    components.append(("smart_redirect", smart_redirect_component))
-    settings = service_settings(database_url)
+        parts.add("asterisk")
+        overrides["asterisk"] = ssh.settings()
+    settings = service_settings(database_url, **overrides)
     async with (
-        running_service(settings, components=components) as svc,
+        running_service(settings, parts=parts) as svc,
         httpx.AsyncClient(base_url=svc.url, timeout=10) as http,
     ):
         yield Stack(svc, http)

@@ -18,7 +18,7 @@ from typing import Any
 
 import asyncpg
 
-from retailcrm_service.db import migrate, with_database
+from retailcrm_service.storage.database import migrate, with_database
 
 
 def _run(coro: Any) -> Any:

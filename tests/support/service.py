@@ -6,7 +6,7 @@
             await http.get("/health")
         svc.runtime.configs, svc.runtime.logs ...
 
-``components`` is passed to ``create_app`` (default: none, so tests of one area do not start
+``parts`` is passed to ``create_app`` (default: none, so tests of one area do not start
 another area's workers). ``serving(app)`` does the same for any ASGI app (a stand-in CRM).
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +24,10 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from retailcrm_service.app import ComponentFactory, Runtime, create_app
-from retailcrm_service.settings import Secret, Settings
+from retailcrm_service.app import create_app
+from retailcrm_service.runtime import Runtime
+from retailcrm_service.security.secrets import Secret
+from retailcrm_service.settings import Settings
 
 
 def service_settings(database_url: str, **overrides: Any) -> Settings:
@@ -84,8 +86,8 @@ async def serving(app: Any, **options: Any) -> AsyncIterator[str]:
 
 @asynccontextmanager
 async def running_service(
-    settings: Settings, *, components: Sequence[tuple[str, ComponentFactory]] = ()
+    settings: Settings, *, parts: Collection[str] = ()
 ) -> AsyncIterator[RunningService]:
-    app = create_app(settings, components=components)
+    app = create_app(settings, parts=parts)
     async with serving(app) as url:
         yield RunningService(app=app, url=url, port=int(url.rsplit(":", 1)[1]))

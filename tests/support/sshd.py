@@ -34,7 +34,7 @@ from typing import Any
 import asyncssh
 import pytest
 
-from retailcrm_service.asterisk import AsteriskSettings
+from retailcrm_service.telephony.asterisk_ssh import AsteriskSettings
 from tests.support.procs import free_port
 
 SSHD = "/usr/sbin/sshd"

@@ -1,4 +1,4 @@
-"""Validation, command building and output parsing of retailcrm_service.asterisk (no network)."""
+"""Validation, command building and output parsing of the SSH control module (no network)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from retailcrm_service.asterisk import (
+from retailcrm_service.settings import asterisk_from
+from retailcrm_service.telephony.asterisk_ssh import (
     AsteriskSettings,
     ChannelNotFound,
     CommandFailed,
@@ -169,7 +170,7 @@ def test_settings_refuse_unsafe_values_and_read_the_environment() -> None:
         AsteriskSettings(user="root; id")
     with pytest.raises(ValueError, match="SSH port"):
         AsteriskSettings(port=0)
-    settings = AsteriskSettings.from_env(
+    settings = asterisk_from(
         {
             "RETAILCRM_SSH_USER": "pbx",
             "RETAILCRM_SSH_KEY": "/etc/vochi/id_ed25519",

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from starlette.requests import Request
 
-from retailcrm_service.auth import caller_address, is_internal
-from retailcrm_service.settings import Secret, Settings
+from retailcrm_service.security.admin_auth import caller_address, is_internal
+from retailcrm_service.security.secrets import Secret
+from retailcrm_service.settings import Settings
 
 DSN_PASSWORD = "dsn-pass-Qw3rty-9876"
 JWT_SECRET = "jwt-secret-" + "k" * 40

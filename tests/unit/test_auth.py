@@ -10,14 +10,15 @@ import jwt
 import pytest
 from starlette.requests import Request
 
-from retailcrm_service.auth import (
+from retailcrm_service.security.admin_auth import (
     TokenInvalid,
     caller_address,
     decode_token,
     is_internal,
     issue_token,
 )
-from retailcrm_service.settings import Secret, Settings
+from retailcrm_service.security.secrets import Secret
+from retailcrm_service.settings import Settings
 
 SETTINGS = Settings(database_url=Secret("postgresql://x/y"), jwt_secret=Secret("s" * 64))
 SESSION = frozenset({"session"})

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from retailcrm_service.crypto import DecryptionError, decrypt_api_key, encrypt_api_key
-from retailcrm_service.settings import Secret
+from retailcrm_service.security.key_crypto import DecryptionError, decrypt_api_key, encrypt_api_key
+from retailcrm_service.security.secrets import Secret
 
 KEY = Secret("a-secret-key-of-some-length")
 API_KEY = "Xk2PqL9vT4mZ8sW1cR7yB3nD6fH0jG5a"

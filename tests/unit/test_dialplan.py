@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from retailcrm_service.smart_redirect import dialplan_context, dialplan_reply
+from retailcrm_service.telephony.smart_redirect import dialplan_context, dialplan_reply
 
 
 def macro_cut(reply: str) -> tuple[str, str]:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from retailcrm_service.ingest import (
+from retailcrm_service.pipeline.intake import (
     MAX_EVENTS,
     BodyInvalid,
     BodyTooLarge,
@@ -16,7 +16,7 @@ from retailcrm_service.ingest import (
     parse_events,
     validated,
 )
-from retailcrm_service.outbox import StoredEvent
+from retailcrm_service.pipeline.outbox import StoredEvent
 from vochi_crm_client._event import CallEvent
 
 DIAL = {

@@ -9,8 +9,13 @@ from collections.abc import Sequence
 import asyncpg
 import pytest
 
-from retailcrm_service.logs import IntegrationLogWriter, LogRow, encode_payload, mask_payload
-from retailcrm_service.settings import Secret
+from retailcrm_service.security.secrets import Secret
+from retailcrm_service.storage.journal import (
+    IntegrationLogWriter,
+    LogRow,
+    encode_payload,
+    mask_payload,
+)
 
 pytestmark = pytest.mark.anyio
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from retailcrm_service.mapping import (
+from retailcrm_service.crm.mapping import (
     HANGUP_STATUSES,
     UPLOAD_RESULTS,
     MappingConfig,

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from retailcrm_service.pacing import Pacer, PacingConfig, is_telephony, key_id
+from retailcrm_service.crm.pacing import Pacer, PacingConfig, is_telephony, key_id
 
 
 class Clock:

@@ -9,7 +9,7 @@ from urllib.parse import parse_qs, parse_qsl
 import httpx
 import pytest
 
-from retailcrm_service.retailcrm_api import (
+from retailcrm_service.crm.client import (
     RetailCrmApiError,
     RetailCrmAuthError,
     RetailCrmClient,

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from retailcrm_service.settings import Secret, Settings, mask
+from retailcrm_service.security.secrets import Secret, mask
+from retailcrm_service.settings import Settings
 
 BASE = {"DATABASE_URL": "postgresql://u:pw@127.0.0.1:5432/db", "RETAILCRM_JWT_SECRET": "j" * 32}
 

@@ -6,10 +6,10 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
-from retailcrm_service.config import RetailCrmConfig
-from retailcrm_service.pacing import Pacer
-from retailcrm_service.settings import Secret
-from retailcrm_service.smart_redirect import (
+from retailcrm_service.crm.pacing import Pacer
+from retailcrm_service.security.secrets import Secret
+from retailcrm_service.storage.enterprise_configs import RetailCrmConfig
+from retailcrm_service.telephony.smart_redirect import (
     SmartOptions,
     SmartRedirect,
     dialplan_context,

@@ -21,10 +21,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from retailcrm_service import auth, config_store, module
-from retailcrm_service.app import Runtime, RuntimeDep
-from retailcrm_service.routes import ApiError, read_form
-from retailcrm_service.routes import config as config_routes
+from retailcrm_service.api import config as config_routes
+from retailcrm_service.api.http import read_form
+from retailcrm_service.crm import integration_module as module
+from retailcrm_service.errors import ApiError
+from retailcrm_service.runtime import Runtime, RuntimeDep
+from retailcrm_service.security import admin_auth as auth
+from retailcrm_service.storage import config_writes as config_store
 
 logger = logging.getLogger(__name__)
 

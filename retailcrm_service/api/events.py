@@ -15,8 +15,9 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from retailcrm_service.auth import require_internal
-from retailcrm_service.ingest import (
+from retailcrm_service.api.http import read_body, read_json
+from retailcrm_service.errors import ApiError
+from retailcrm_service.pipeline.intake import (
     MAX_BODY_BYTES,
     BodyInvalid,
     BodyTooLarge,
@@ -24,8 +25,8 @@ from retailcrm_service.ingest import (
     Rejected,
     parse_events,
 )
-from retailcrm_service.outbox import OutboxError, replay
-from retailcrm_service.routes import ApiError, read_body, read_json
+from retailcrm_service.pipeline.outbox import OutboxError
+from retailcrm_service.security.admin_auth import require_internal
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def pipeline(request: Request) -> EventPipeline:
     found = getattr(request.app.state, "event_pipeline", None)
     runtime = getattr(request.app.state, "runtime", None)
     if found is None and runtime is not None:
-        found = runtime.components.get("events")
+        found = runtime.events
     if found is None:
         raise ApiError(503, "unavailable", "the event pipeline is not running")
     return found  # type: ignore[no-any-return]
@@ -85,9 +86,8 @@ def _submit(request: Request, body: Any) -> tuple[Awaitable[list[bool]], list[di
         raise ApiError(400, "invalid_body", str(exc)) from None
     events = [p for p in parsed if not isinstance(p, Rejected)]
     rejected = [{"index": p.index, "error": p.error} for p in parsed if isinstance(p, Rejected)]
-    runtime = pipeline(request)
     try:
-        return runtime.committer.submit(events), rejected
+        return pipeline(request).committer.submit(events), rejected
     except OutboxError as exc:
         raise _not_committed(exc) from None
 
@@ -110,11 +110,7 @@ async def replay_events(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError(422, "validation_error", "the body must be a JSON object")
     fields = _replay_fields(body)
-    runtime = pipeline(request)
-    count = await replay(runtime.pool, popup_ttl=runtime.outbox_config.popup_ttl, **fields)
-    if runtime.delivery is not None:
-        runtime.delivery.wake()
-    return {"replayed": count}
+    return {"replayed": await pipeline(request).replay(**fields)}
 
 
 def _replay_fields(body: dict[str, Any]) -> dict[str, Any]:

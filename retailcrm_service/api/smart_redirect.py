@@ -11,28 +11,24 @@ from __future__ import annotations
 import json
 import logging
 import re
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from retailcrm_service.app import Runtime, get_runtime
-from retailcrm_service.asterisk import (
-    AsteriskControl,
-    AsteriskError,
+from retailcrm_service.api.http import read_json, validate
+from retailcrm_service.errors import ApiError
+from retailcrm_service.runtime import Runtime, RuntimeDep
+from retailcrm_service.security.admin_auth import caller_address, is_internal, require_internal
+from retailcrm_service.telephony.asterisk_ssh import (
     InvalidArgument,
     validate_channel,
-    validate_extension,
 )
-from retailcrm_service.auth import caller_address, is_internal, require_internal
-from retailcrm_service.routes import ApiError, read_json, validate
-from retailcrm_service.smart_redirect import Decision, SmartRedirect, dialplan_reply
+from retailcrm_service.telephony.smart_redirect import Decision, dialplan_reply
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter()
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
-
 INTEGRATION = "retailcrm"
 MAX_BODY = 16 * 1024
 _ID_RE = re.compile(r"[0-9A-Za-z._-]{1,64}")
@@ -58,19 +54,17 @@ class SmartRedirectIn(BaseModel):
             raise ValueError("not a valid Asterisk channel name") from None
 
 
-def _smart(runtime: Runtime) -> SmartRedirect:
-    smart = runtime.components.get("smart_redirect")
-    if not isinstance(smart, SmartRedirect):
-        raise ApiError(503, "unavailable", "smart redirect is not running")
-    return smart
-
-
 @router.post("/api/smart-redirect", dependencies=[Depends(require_internal)])
 async def smart_redirect(request: Request, runtime: RuntimeDep) -> Any:
     body = validate(SmartRedirectIn, await read_json(request, max_bytes=MAX_BODY))
-    decision = await _smart(runtime).decide(body.enterprise_number, body.phone, trunk=body.trunk)
+    decision = await runtime.need_smart_redirect().decide(
+        body.enterprise_number, body.phone, trunk=body.trunk
+    )
     redirect = "skipped"
-    if body.channel and _schedule_redirect(runtime, decision, body):
+    control = runtime.call_control
+    if control is not None and control.schedule_redirect(
+        decision, body.channel, body.call_unique_id
+    ):
         redirect = "scheduled"
     _journal(runtime, decision, body.phone, body.call_unique_id, redirect=redirect)
     return {
@@ -82,70 +76,6 @@ async def smart_redirect(request: Request, runtime: RuntimeDep) -> Any:
         "name": decision.name,
         "dialplan": decision.dialplan,
     }
-
-
-def _schedule_redirect(runtime: Runtime, decision: Decision, body: SmartRedirectIn) -> bool:
-    asterisk = runtime.components.get("asterisk")
-    if not (
-        isinstance(asterisk, AsteriskControl)
-        and decision.redirect_channel
-        and decision.extension
-        and decision.host
-        and body.channel
-    ):
-        return False
-    try:
-        validate_extension(decision.extension)
-    except InvalidArgument:
-        return False
-    job = _redirect_job(runtime, asterisk, decision, body.channel, body.call_unique_id)
-    return asterisk.spawn(job, name="smart-redirect")
-
-
-async def _redirect_job(
-    runtime: Runtime,
-    asterisk: AsteriskControl,
-    decision: Decision,
-    channel: str,
-    call_unique_id: str | None,
-) -> None:
-    assert decision.host is not None
-    assert decision.extension is not None
-    assert decision.enterprise_number is not None
-    request = {
-        "channel": channel,
-        "extension": decision.extension,
-        "context": decision.redirect_context,
-        "manager_id": decision.manager_id,
-    }
-    try:
-        result = await asterisk.redirect(
-            decision.host, channel, decision.extension, context=decision.redirect_context
-        )
-    except AsteriskError as exc:
-        logger.warning(
-            "smart_redirect.redirect_failed enterprise=%s error=%s",
-            decision.enterprise_number,
-            type(exc).__name__,
-        )
-        runtime.logs.write(
-            decision.enterprise_number,
-            "channel_redirect",
-            request_data=request,
-            response_data=None,
-            status="error",
-            error_message=f"{type(exc).__name__}: {exc}",
-            call_unique_id=call_unique_id,
-        )
-        return
-    runtime.logs.write(
-        decision.enterprise_number,
-        "channel_redirect",
-        request_data=request,
-        response_data={"output": result.stdout.strip()[:500], "elapsed_ms": result.elapsed * 1000},
-        status="success",
-        call_unique_id=call_unique_id,
-    )
 
 
 def _journal(
@@ -219,7 +149,7 @@ async def getcustomerdata(request: Request, runtime: RuntimeDep) -> Response:
         unique_id = None
     if not token:
         return _dialplan_error(401, "unauthorized", "the Token header is required")
-    smart = _smart_or_none(runtime)
+    smart = runtime.smart_redirect
     if smart is None or smart.tokens is None:
         return _dialplan_error(503, "unavailable", "smart redirect is not running")
     try:
@@ -247,8 +177,3 @@ async def _token_acceptable(request: Request, runtime: Runtime, token: str, numb
     config = await runtime.configs.get(number)
     caller = caller_address(request)
     return bool(config is not None and config.ip and caller and config.ip.strip() == caller)
-
-
-def _smart_or_none(runtime: Runtime) -> SmartRedirect | None:
-    smart = runtime.components.get("smart_redirect")
-    return smart if isinstance(smart, SmartRedirect) else None

@@ -31,7 +31,8 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import httpx
 
-from retailcrm_service.db import database_url, migrate, redact_dsn
+from retailcrm_service.settings import data_dir_from, database_url_from
+from retailcrm_service.storage.database import database_url, migrate, redact_dsn
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ class DemoSystem:
     def __init__(self, dsn: str, ports: DemoPorts) -> None:
         self.dsn = dsn
         self.ports = ports
-        self.data_dir = Path(os.environ.get("RETAILCRM_DATA_DIR", "./.vochi-data")).resolve()
+        self.data_dir = data_dir_from(os.environ).resolve()
         self.log_dir = self.data_dir / "logs"
         self.api_key = "demo_" + secrets.token_hex(16)
         self.service_url = f"http://127.0.0.1:{ports.service}"
@@ -208,7 +209,7 @@ class DemoSystem:
             "DATABASE_URL": dsn,
             "RETAILCRM_DATA_DIR": str(self.data_dir),
             "RETAILCRM_ALLOW_HTTP": "1",
-            "RETAILCRM_PUBLIC_URL": os.environ.get("RETAILCRM_PUBLIC_URL", self.service_url),
+            "RETAILCRM_PUBLIC_URL": os.environ.get("RETAILCRM_PUBLIC_URL") or self.service_url,
             "PYTHONUNBUFFERED": "1",
         }
         self._children: list[_Child] = []
@@ -422,7 +423,7 @@ class DemoPorts:
 
 
 async def _main(ports: DemoPorts, wait: bool) -> int:
-    dsn = database_url()
+    dsn = database_url(database_url_from(), data_dir_from(os.environ))
     print(f"PostgreSQL: {redact_dsn(dsn)}", flush=True)
     applied = await migrate(dsn)
     print(f"Migrations applied: {', '.join(applied) or 'none pending'}", flush=True)

@@ -33,7 +33,13 @@ import asyncpg
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from retailcrm_service.mapping import (
+from retailcrm_service.crm.client import (
+    RetailCrmApiError,
+    RetailCrmClient,
+    RetailCrmError,
+    RetailCrmRateLimited,
+)
+from retailcrm_service.crm.mapping import (
     DEFAULT_TIMEZONE,
     KIND_HISTORY,
     KIND_POPUP,
@@ -44,14 +50,8 @@ from retailcrm_service.mapping import (
     upload_batches,
     valid_timezone,
 )
-from retailcrm_service.outbox import OutboxConfig, OutboxRow, OutboxStore, Outcome
-from retailcrm_service.pacing import Pacer, PacingConfig
-from retailcrm_service.retailcrm_api import (
-    RetailCrmApiError,
-    RetailCrmClient,
-    RetailCrmError,
-    RetailCrmRateLimited,
-)
+from retailcrm_service.crm.pacing import Pacer, PacingConfig
+from retailcrm_service.pipeline.outbox import OutboxConfig, OutboxRow, OutboxStore, Outcome
 from vochi_crm_client._breaker import Breaker
 from vochi_crm_client._config import BreakerConfig
 
@@ -185,6 +185,7 @@ class DeliveryService:
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         rng: random.Random | None = None,
         registry: CollectorRegistry | None = None,
+        pacer: Pacer | None = None,
     ) -> None:
         self.config = config or DeliveryConfig()
         self._prom = _PromMetrics(registry) if registry is not None else None
@@ -197,7 +198,8 @@ class DeliveryService:
         self._http = http
         self._own_http = http is None
         self._clock = clock
-        self.pacer = Pacer(config=self.config.pacing, clock=clock, sleep=sleep)
+        # One budget per API key, shared with smart-redirect lookups when the runtime passes it.
+        self.pacer = pacer or Pacer(config=self.config.pacing, clock=clock, sleep=sleep)
         self._breakers: dict[str, Breaker] = {}
         self._counters: dict[str, EnterpriseCounters] = {}
         self._busy: set[str] = set()

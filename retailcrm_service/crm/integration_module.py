@@ -16,9 +16,7 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from retailcrm_service.config import RetailCrmConfig
-from retailcrm_service.logs import IntegrationLogWriter
-from retailcrm_service.retailcrm_api import (
+from retailcrm_service.crm.client import (
     RetailCrmApiError,
     RetailCrmAuthError,
     RetailCrmClient,
@@ -26,6 +24,8 @@ from retailcrm_service.retailcrm_api import (
     RetailCrmRateLimited,
 )
 from retailcrm_service.settings import Settings
+from retailcrm_service.storage.enterprise_configs import RetailCrmConfig
+from retailcrm_service.storage.journal import IntegrationLogWriter
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ import os
 import re
 import shlex
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +48,6 @@ __all__ = [
     "CommandResult",
     "HostKeyRejected",
     "InvalidArgument",
-    "asterisk_component",
     "originate_command",
     "parse_channels_concise",
     "redirect_command",
@@ -269,11 +268,6 @@ def _check_result(result: CommandResult) -> CommandResult:
 # --------------------------------------------------------------------------- settings
 
 
-def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name, "").strip()
-    return float(raw) if raw else default
-
-
 @dataclass(frozen=True, slots=True)
 class AsteriskSettings:
     """How to reach the Asterisk hosts (``RETAILCRM_SSH_*``)."""
@@ -309,24 +303,6 @@ class AsteriskSettings:
         if not re.fullmatch(r"[A-Za-z0-9_./-]+", self.asterisk_binary):
             raise ValueError(f"invalid asterisk binary: {self.asterisk_binary!r}")
 
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> AsteriskSettings:
-        env = os.environ if environ is None else environ
-        defaults = cls()
-        return cls(
-            user=env.get("RETAILCRM_SSH_USER", "").strip() or defaults.user,
-            key_path=env.get("RETAILCRM_SSH_KEY", "").strip() or None,
-            known_hosts=env.get("RETAILCRM_SSH_KNOWN_HOSTS", "").strip() or defaults.known_hosts,
-            port=int(env.get("RETAILCRM_SSH_PORT", "").strip() or defaults.port),
-            connect_timeout=_env_float(
-                env, "RETAILCRM_SSH_CONNECT_TIMEOUT", defaults.connect_timeout
-            ),
-            command_timeout=_env_float(
-                env, "RETAILCRM_SSH_COMMAND_TIMEOUT", defaults.command_timeout
-            ),
-            idle_close=_env_float(env, "RETAILCRM_SSH_IDLE_CLOSE", defaults.idle_close),
-        )
-
 
 # --------------------------------------------------------------------------- the pool
 
@@ -358,7 +334,7 @@ class AsteriskControl:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         connector: Connector = asyncssh.connect,
     ) -> None:
-        self.settings = settings or AsteriskSettings.from_env()
+        self.settings = settings or AsteriskSettings()
         self._clock = clock
         self._sleep = sleep
         self._connector = connector
@@ -629,8 +605,3 @@ def _text(value: object) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return str(value)
-
-
-def asterisk_component(runtime: object) -> AsteriskControl:
-    """``COMPONENTS`` entry: the SSH pool, configured from ``RETAILCRM_SSH_*``."""
-    return AsteriskControl(settings=AsteriskSettings.from_env())

@@ -39,7 +39,7 @@ class Migration:
 
 def load_migrations() -> list[Migration]:
     """The numbered ``migrations/NNN_name.sql`` files, in order."""
-    folder = resources.files("retailcrm_service") / "migrations"
+    folder = resources.files("retailcrm_service.storage") / "migrations"
     found = []
     for entry in folder.iterdir():
         if not entry.name.endswith(".sql"):
@@ -120,7 +120,9 @@ def embedded_database_url(data_dir: str | os.PathLike[str]) -> str:
 async def scratch_database(prefix: str = "vochi_scratch") -> AsyncIterator[str]:
     """A throwaway migrated database (benchmarks, tools): on ``DATABASE_URL``'s server when set,
     otherwise on a temporary embedded server that is stopped and deleted afterwards."""
-    admin = os.environ.get("DATABASE_URL", "").strip()
+    from retailcrm_service.settings import database_url_from
+
+    admin = database_url_from() or ""
     server = None
     if not admin:
         with warnings.catch_warnings():
@@ -143,13 +145,9 @@ async def scratch_database(prefix: str = "vochi_scratch") -> AsyncIterator[str]:
             server.cleanup()
 
 
-def database_url(environ: dict[str, str] | None = None) -> str:
-    """``DATABASE_URL`` when set, otherwise the embedded server under ``RETAILCRM_DATA_DIR``."""
-    env = os.environ if environ is None else environ
-    url = env.get("DATABASE_URL", "").strip()
-    if url:
-        return url
-    return embedded_database_url(env.get("RETAILCRM_DATA_DIR", "./.vochi-data"))
+def database_url(url: str | None, data_dir: str | os.PathLike[str]) -> str:
+    """``url`` when given, otherwise the embedded server under ``data_dir``."""
+    return url or embedded_database_url(data_dir)
 
 
 def with_database(dsn: str, database: str) -> str:

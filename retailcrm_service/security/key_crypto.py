@@ -15,7 +15,7 @@ import os
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from retailcrm_service.settings import Secret
+from retailcrm_service.security.secrets import Secret
 
 PREFIX = "enc:v1:"
 _NONCE_BYTES = 12

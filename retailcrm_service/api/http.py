@@ -1,4 +1,4 @@
-"""HTTP routes, one module per area; shared error envelope and body parsing for all of them.
+"""Body parsing and error rendering shared by every route module of ``retailcrm_service.api``.
 
 Every error on our routes is ``{"error": {"code": "...", "message": "...", "fields"?: {...}}}``:
 
@@ -24,45 +24,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from retailcrm_service.errors import ApiError, error_response
+
 M = TypeVar("M", bound=BaseModel)
 
 DEFAULT_MAX_BODY = 1024 * 1024
-
-
-class ApiError(Exception):
-    """An error answered as our JSON envelope."""
-
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        *,
-        fields: dict[str, str] | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.fields = fields
-        self.headers = headers
-
-    def response(self) -> JSONResponse:
-        return error_response(self.status, self.code, self.message, self.fields, self.headers)
-
-
-def error_response(
-    status: int,
-    code: str,
-    message: str,
-    fields: dict[str, str] | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    error: dict[str, Any] = {"code": code, "message": message}
-    if fields:
-        error["fields"] = fields
-    return JSONResponse({"error": error}, status_code=status, headers=headers)
 
 
 def _field_errors(exc: ValidationError | RequestValidationError) -> dict[str, str]:

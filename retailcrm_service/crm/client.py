@@ -31,7 +31,7 @@ from typing import Any
 
 import httpx
 
-from retailcrm_service.settings import Secret
+from retailcrm_service.security.secrets import Secret
 
 logger = logging.getLogger(__name__)
 

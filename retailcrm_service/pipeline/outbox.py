@@ -28,7 +28,7 @@ from typing import Any
 
 import asyncpg
 
-from retailcrm_service.mapping import KIND_HISTORY, KIND_POPUP, kinds_for
+from retailcrm_service.crm.mapping import KIND_HISTORY, KIND_POPUP, kinds_for
 from vochi_crm_client._backoff import BackoffPolicy, delay
 
 logger = logging.getLogger(__name__)

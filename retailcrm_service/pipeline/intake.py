@@ -16,9 +16,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
@@ -28,11 +27,14 @@ import asyncpg
 import httpx
 from prometheus_client import CollectorRegistry
 
-from retailcrm_service.delivery import ConfigSource, DeliveryConfig, DeliveryService, LogSink
-from retailcrm_service.outbox import GroupCommitter, OutboxConfig, StoredEvent
-from retailcrm_service.pacing import PacingConfig
-from vochi_crm_client._backoff import BackoffPolicy
-from vochi_crm_client._config import BreakerConfig
+from retailcrm_service.crm.pacing import Pacer
+from retailcrm_service.pipeline.delivery import (
+    ConfigSource,
+    DeliveryConfig,
+    DeliveryService,
+    LogSink,
+)
+from retailcrm_service.pipeline.outbox import GroupCommitter, OutboxConfig, StoredEvent, replay
 from vochi_crm_client._event import EVENT_TYPES, MAX_EVENT_BYTES, ORIGINS, idempotency_key
 
 logger = logging.getLogger(__name__)
@@ -223,6 +225,7 @@ class EventPipeline:
         deliver: bool = True,
         owner: str | None = None,
         registry: CollectorRegistry | None = None,
+        pacer: Pacer | None = None,
     ) -> None:
         self.pool = pool
         self.outbox_config = outbox or OutboxConfig()
@@ -236,6 +239,7 @@ class EventPipeline:
                 outbox=self.outbox_config,
                 owner=owner,
                 registry=registry,
+                pacer=pacer,
             )
             if deliver
             else None
@@ -291,66 +295,15 @@ class EventPipeline:
             out.update(self.delivery.stats())
         return out
 
+    async def replay(self, **selection: Any) -> int:
+        """Make settled rows due again (``outbox.replay``'s selection) and wake delivery."""
+        count = await replay(self.pool, popup_ttl=self.outbox_config.popup_ttl, **selection)
+        if self.delivery is not None:
+            self.delivery.wake()
+        return count
+
     async def health(self) -> dict[str, Any]:
         """Backlog and oldest due event (from the database)."""
         if self.delivery is None:
             return {}
         return await self.delivery.health()
-
-
-def configs_from_env(
-    environ: Mapping[str, str] | None = None,
-) -> tuple[OutboxConfig, DeliveryConfig]:
-    """Pipeline tunables from ``RETAILCRM_OUTBOX_*`` / ``RETAILCRM_DELIVERY_*`` (tests, ops).
-
-    ``RETAILCRM_OUTBOX_POPUP_TTL`` (30 s), ``RETAILCRM_OUTBOX_LEASE_SECONDS`` (60 s),
-    ``RETAILCRM_OUTBOX_MAX_ATTEMPTS`` (200), ``RETAILCRM_OUTBOX_RETRY_CAP`` (300 s),
-    ``RETAILCRM_DELIVERY_POLL_INTERVAL`` (0.5 s), ``RETAILCRM_DELIVERY_BREAKER_OPEN_MAX`` (60 s),
-    ``RETAILCRM_PACING_GENERAL_RPS`` (8), ``RETAILCRM_PACING_TELEPHONY_RPS`` (32).
-    """
-    env = os.environ if environ is None else environ
-
-    def number(name: str, default: float) -> float:
-        raw = env.get(name, "").strip()
-        try:
-            return float(raw) if raw else default
-        except ValueError:
-            raise ValueError(f"{name} must be a number, got {raw!r}") from None
-
-    retry_cap = number("RETAILCRM_OUTBOX_RETRY_CAP", 300.0)
-    outbox = OutboxConfig(
-        popup_ttl=number("RETAILCRM_OUTBOX_POPUP_TTL", 30.0),
-        lease_seconds=number("RETAILCRM_OUTBOX_LEASE_SECONDS", 60.0),
-        max_attempts=int(number("RETAILCRM_OUTBOX_MAX_ATTEMPTS", 200)),
-        retry=BackoffPolicy(base=min(1.0, retry_cap), cap=retry_cap),
-    )
-    open_max = number("RETAILCRM_DELIVERY_BREAKER_OPEN_MAX", 60.0)
-    delivery = DeliveryConfig(
-        poll_interval=number("RETAILCRM_DELIVERY_POLL_INTERVAL", 0.5),
-        breaker=BreakerConfig(open_base=min(2.0, open_max), open_max=open_max),
-        pacing=PacingConfig(
-            general_rps=number("RETAILCRM_PACING_GENERAL_RPS", 8.0),
-            telephony_rps=number("RETAILCRM_PACING_TELEPHONY_RPS", 32.0),
-        ),
-    )
-    return outbox, delivery
-
-
-@contextlib.asynccontextmanager
-async def events_component(runtime: Any) -> AsyncIterator[EventPipeline]:
-    """The app lifespan's component (``app.COMPONENTS``): intake + delivery + stats source."""
-    outbox, delivery = configs_from_env()
-    async with EventPipeline(
-        pool=runtime.pool,
-        configs=runtime.configs,
-        logs=runtime.logs,
-        http=runtime.http,
-        outbox=outbox,
-        delivery=delivery,
-        registry=runtime.metrics.registry,
-    ) as events:
-        runtime.metrics.add_source("outbox", events.stats)
-        try:
-            yield events
-        finally:
-            runtime.metrics.remove_source("outbox")

@@ -26,19 +26,18 @@ import random
 import re
 import time
 import unicodedata
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import asyncpg
 
-from retailcrm_service.asterisk import InvalidArgument, validate_context
-from retailcrm_service.pacing import Pacer
+from retailcrm_service.crm.pacing import Pacer
+from retailcrm_service.telephony.asterisk_ssh import InvalidArgument, validate_context
 from vochi_crm_client import NOT_LOADED, CacheSettings, RefreshingCache
 
 if TYPE_CHECKING:
-    from retailcrm_service.config import RetailCrmConfig
+    from retailcrm_service.storage.enterprise_configs import RetailCrmConfig
 
 logger = logging.getLogger(__name__)
 
@@ -657,40 +656,7 @@ __all__ = [
     "person_name",
     "phone_key",
     "sanitize_name",
-    "smart_redirect_component",
 ]
 
 
 # --------------------------------------------------------------------------- lifespan component
-
-
-def _shared_pacer(runtime: Any) -> Pacer:
-    """The delivery workers' pacer when they run (one budget per API key), else our own."""
-    for component in getattr(runtime, "components", {}).values():
-        for holder in (component, getattr(component, "delivery", None)):
-            pacer = getattr(holder, "pacer", None)
-            if isinstance(pacer, Pacer):
-                return pacer
-    return Pacer()
-
-
-@asynccontextmanager
-async def smart_redirect_component(runtime: Any) -> AsyncIterator[SmartRedirect]:
-    """``COMPONENTS`` entry: the smart-redirect service on the app's pool, HTTP client and configs.
-
-    Exposes ``.tokens`` (dialplan Token -> enterprise) and ``.statuses`` (users' statuses).
-    """
-    smart = SmartRedirect(
-        configs=runtime.configs,
-        client_for=runtime.retailcrm,
-        internal_phones=InternalPhones(pool=runtime.pool),
-        statuses=UserStatusBook(pool=runtime.pool),
-        tokens=EnterpriseTokens(pool=runtime.pool),
-        pacer=_shared_pacer(runtime),
-    )
-    async with smart:
-        runtime.metrics.add_source("smart_redirect", smart.stats)
-        try:
-            yield smart
-        finally:
-            runtime.metrics.remove_source("smart_redirect")

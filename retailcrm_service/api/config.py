@@ -15,12 +15,15 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
-from retailcrm_service import auth, config_store, module
-from retailcrm_service.app import Runtime, RuntimeDep
-from retailcrm_service.config import RetailCrmConfig, load_config
-from retailcrm_service.retailcrm_api import RetailCrmClient
-from retailcrm_service.routes import ApiError, read_json, validate
-from retailcrm_service.settings import Secret
+from retailcrm_service.api.http import read_json, validate
+from retailcrm_service.crm import integration_module as module
+from retailcrm_service.crm.client import RetailCrmClient
+from retailcrm_service.errors import ApiError
+from retailcrm_service.runtime import Runtime, RuntimeDep
+from retailcrm_service.security import admin_auth as auth
+from retailcrm_service.security.secrets import Secret
+from retailcrm_service.storage import config_writes as config_store
+from retailcrm_service.storage.enterprise_configs import RetailCrmConfig, load_config
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from retailcrm_service.app import Runtime, RuntimeDep
-from retailcrm_service.auth import require_internal
+from retailcrm_service.runtime import Runtime, RuntimeDep
+from retailcrm_service.security.admin_auth import require_internal
 
 router = APIRouter(tags=["ops"])
 
@@ -62,7 +62,7 @@ def _cache(runtime: Runtime) -> tuple[dict[str, Any], str | None]:
 
 async def _outbox(runtime: Runtime) -> dict[str, Any]:
     """Backlog and oldest due event of the durable outbox; {} when not running."""
-    events = runtime.components.get("events")
+    events = runtime.events
     if events is None:
         return {}
     try:

@@ -16,29 +16,26 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from retailcrm_service.app import Runtime, get_runtime
-from retailcrm_service.asterisk import (
-    AsteriskControl,
-    AsteriskError,
+from retailcrm_service.api.config import check_number
+from retailcrm_service.api.http import read_form
+from retailcrm_service.errors import ApiError
+from retailcrm_service.runtime import Runtime, RuntimeDep
+from retailcrm_service.security.admin_auth import require_internal
+from retailcrm_service.telephony.asterisk_ssh import (
     InvalidArgument,
     validate_extension,
     validate_host,
     validate_phone,
 )
-from retailcrm_service.auth import require_internal
-from retailcrm_service.routes import ApiError, read_form
-from retailcrm_service.routes.config import check_number
-from retailcrm_service.smart_redirect import USER_STATUSES, SmartRedirect, UserStatusBook
+from retailcrm_service.telephony.smart_redirect import USER_STATUSES
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter()
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
-
 MAX_BODY = 16 * 1024
 _MAX_VALUE = 200
 
@@ -164,59 +161,13 @@ async def make_call(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
         host = validate_host(config.ip or "")
     except InvalidArgument:
         raise ApiError(409, "no_host", "the enterprise has no Asterisk host configured") from None
-    asterisk = runtime.components.get("asterisk")
-    if not isinstance(asterisk, AsteriskControl):
-        raise ApiError(503, "unavailable", "Asterisk control is not running")
-    job = _originate_job(runtime, asterisk, config.enterprise_number, host, extension, phone)
-    if not asterisk.spawn(job, name="click-to-call"):
+    control = runtime.need_call_control()
+    if not control.start_call(config.enterprise_number, host, extension, phone):
         raise ApiError(503, "busy", "too many calls being started; try again")
     return {"success": True, "extension": extension}
 
 
-async def _originate_job(
-    runtime: Runtime,
-    asterisk: AsteriskControl,
-    enterprise_number: str,
-    host: str,
-    extension: str,
-    phone: str,
-) -> None:
-    request = {"extension": extension, "phone": phone}
-    try:
-        result = await asterisk.originate(host, extension, phone)
-    except AsteriskError as exc:
-        logger.warning(
-            "callbacks.originate_failed enterprise=%s error=%s",
-            enterprise_number,
-            type(exc).__name__,
-        )
-        runtime.logs.write(
-            enterprise_number,
-            "click_to_call",
-            request_data=request,
-            response_data=None,
-            status="error",
-            error_message=f"{type(exc).__name__}: {exc}",
-        )
-        return
-    runtime.logs.write(
-        enterprise_number,
-        "click_to_call",
-        request_data=request,
-        response_data={"elapsed_ms": round(result.elapsed * 1000)},
-        status="success",
-    )
-
-
 # --------------------------------------------------------------------------- status
-
-
-def _statuses(runtime: Runtime) -> UserStatusBook:
-    smart = runtime.components.get("smart_redirect")
-    book = smart.statuses if isinstance(smart, SmartRedirect) else None
-    if book is None:
-        book = UserStatusBook(pool=runtime.pool)
-    return book
 
 
 def _ascii_digits(value: str) -> bool:
@@ -240,7 +191,7 @@ async def user_status(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
         code = None
     if fields:
         raise ApiError(422, "validation_error", "invalid status callback", fields=fields)
-    await _statuses(runtime).record(config.enterprise_number, user_id, status, code=code)
+    await runtime.user_statuses().record(config.enterprise_number, user_id, status, code=code)
     runtime.logs.write(
         config.enterprise_number,
         "user_status",
@@ -257,5 +208,5 @@ async def list_user_status(enterprise_number: str, runtime: RuntimeDep) -> dict[
     check_number(enterprise_number)  # str.isalnum() admits non-ASCII digits and letters
     return {
         "enterprise_number": enterprise_number,
-        "statuses": await _statuses(runtime).all_for(enterprise_number),
+        "statuses": await runtime.user_statuses().all_for(enterprise_number),
     }

@@ -35,8 +35,8 @@ from typing import Any
 
 import asyncpg
 
-from retailcrm_service.crypto import DecryptionError, decrypt_api_key
-from retailcrm_service.settings import Secret
+from retailcrm_service.security.key_crypto import DecryptionError, decrypt_api_key
+from retailcrm_service.security.secrets import Secret
 from vochi_crm_client import CacheSettings, RefreshingCache
 
 logger = logging.getLogger(__name__)

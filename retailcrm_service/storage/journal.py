@@ -34,7 +34,7 @@ from typing import Any
 
 import asyncpg
 
-from retailcrm_service.settings import Secret, mask
+from retailcrm_service.security.secrets import Secret, mask
 
 logger = logging.getLogger(__name__)
 

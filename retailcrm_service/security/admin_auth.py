@@ -33,7 +33,7 @@ import asyncpg
 import jwt
 from fastapi import Depends, Request
 
-from retailcrm_service.routes import ApiError
+from retailcrm_service.errors import ApiError
 from retailcrm_service.settings import Settings
 
 logger = logging.getLogger(__name__)

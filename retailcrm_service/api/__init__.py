@@ -1,0 +1,13 @@
+"""HTTP routes, one module per area: parse, authorise, call one component, shape the reply."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+
+def include_routers(app: FastAPI) -> None:
+    """Every area's router, in the order their routes are matched."""
+    from retailcrm_service.api import admin, callbacks, config, events, ops, smart_redirect
+
+    for module in (ops, config, admin, events, smart_redirect, callbacks):
+        app.include_router(module.router)
