@@ -1,4 +1,4 @@
-"""Audit: who counts as an internal caller when headers are forged, and what settings reveal."""
+"""Who counts as an internal caller when headers are forged, and what settings reveal."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Audit: the journal survives hostile strings, and secrets stay out of errors, logs and rows."""
+"""The journal survives hostile strings, and secrets stay out of errors, logs and rows."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Audit: one enterprise's admin, module clientId or dialplan host never reaches another's data."""
+"""One enterprise's admin, module clientId or dialplan host never reaches another's data."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Audit of the sandbox: its control API and API answer bad input with 4xx, never 500, and its
+"""The sandbox's control API and API answer bad input with 4xx, never 500, and its
 state view never shows a module's secrets (clientId, the accountUrl login token, API keys)."""
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
-"""Audit of POST /api/events (issue 6's route; found here, fixed by its owner in ingest.py).
+"""POST /api/events rejects, per event, values PostgreSQL cannot store.
 
-One event whose payload held a NUL character passed validation, then failed the outbox insert
-(PostgreSQL text/jsonb refuse NUL): the whole request answered 503 "retry later", the good
-events in it were not stored, and a retrying client resent the same poison forever. It must be
-rejected per event, as a lone surrogate is.
+A payload holding a NUL character (text/jsonb refuse NUL) or a lone surrogate is rejected alone;
+the good events of the same request are stored, so a retrying client never resends a poison
+event forever.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Audit: hostile and malformed requests to every service route get a clear 4xx, never a 500,
+"""Hostile and malformed requests to every service route get a clear 4xx, never a 500,
 and leave the database as it was (the events route only for what its shared body parser does)."""
 
 from __future__ import annotations
