@@ -104,6 +104,20 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _positive(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _float(env, name, default)
+    if value <= 0:
+        raise SettingsError(f"{name} must be positive, got {env.get(name)!r}")
+    return value
+
+
+def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default)
+    if value < 1:
+        raise SettingsError(f"{name} must be at least 1, got {env.get(name)!r}")
+    return value
+
+
 def _optional_secret(env: Mapping[str, str], name: str) -> Secret | None:
     raw = env.get(name, "").strip()
     return Secret(raw) if raw else None
@@ -264,9 +278,9 @@ def asterisk_from(env: Mapping[str, str]) -> AsteriskSettings:
         key_path=env.get("RETAILCRM_SSH_KEY", "").strip() or None,
         known_hosts=env.get("RETAILCRM_SSH_KNOWN_HOSTS", "").strip() or defaults.known_hosts,
         port=_int(env, "RETAILCRM_SSH_PORT", defaults.port),
-        connect_timeout=_float(env, "RETAILCRM_SSH_CONNECT_TIMEOUT", defaults.connect_timeout),
-        command_timeout=_float(env, "RETAILCRM_SSH_COMMAND_TIMEOUT", defaults.command_timeout),
-        idle_close=_float(env, "RETAILCRM_SSH_IDLE_CLOSE", defaults.idle_close),
+        connect_timeout=_positive(env, "RETAILCRM_SSH_CONNECT_TIMEOUT", defaults.connect_timeout),
+        command_timeout=_positive(env, "RETAILCRM_SSH_COMMAND_TIMEOUT", defaults.command_timeout),
+        idle_close=_positive(env, "RETAILCRM_SSH_IDLE_CLOSE", defaults.idle_close),
     )
     variables = {
         "user": "RETAILCRM_SSH_USER",
@@ -281,25 +295,25 @@ def asterisk_from(env: Mapping[str, str]) -> AsteriskSettings:
 
 def pipeline_from(env: Mapping[str, str]) -> PipelineSettings:
     """``RETAILCRM_OUTBOX_*``, ``RETAILCRM_DELIVERY_*`` and ``RETAILCRM_PACING_*``."""
-    retry_cap = _float(env, "RETAILCRM_OUTBOX_RETRY_CAP", 300.0)
-    open_max = _float(env, "RETAILCRM_DELIVERY_BREAKER_OPEN_MAX", 60.0)
+    retry_cap = _positive(env, "RETAILCRM_OUTBOX_RETRY_CAP", 300.0)
+    open_max = _positive(env, "RETAILCRM_DELIVERY_BREAKER_OPEN_MAX", 60.0)
     try:
         outbox = OutboxConfig(
-            popup_ttl=_float(env, "RETAILCRM_OUTBOX_POPUP_TTL", 30.0),
-            lease_seconds=_float(env, "RETAILCRM_OUTBOX_LEASE_SECONDS", 60.0),
-            max_attempts=_int(env, "RETAILCRM_OUTBOX_MAX_ATTEMPTS", 200),
-            retention_days=_float(env, "RETAILCRM_OUTBOX_RETENTION_DAYS", 7.0),
+            popup_ttl=_positive(env, "RETAILCRM_OUTBOX_POPUP_TTL", 30.0),
+            lease_seconds=_positive(env, "RETAILCRM_OUTBOX_LEASE_SECONDS", 60.0),
+            max_attempts=_positive_int(env, "RETAILCRM_OUTBOX_MAX_ATTEMPTS", 200),
+            retention_days=_positive(env, "RETAILCRM_OUTBOX_RETENTION_DAYS", 7.0),
             retry=BackoffPolicy(base=min(1.0, retry_cap), cap=retry_cap),
         )
     except ValueError as exc:
         raise SettingsError(f"RETAILCRM_OUTBOX_*: {exc}") from None
     try:
         delivery = DeliveryConfig(
-            poll_interval=_float(env, "RETAILCRM_DELIVERY_POLL_INTERVAL", 0.5),
+            poll_interval=_positive(env, "RETAILCRM_DELIVERY_POLL_INTERVAL", 0.5),
             breaker=BreakerConfig(open_base=min(2.0, open_max), open_max=open_max),
             pacing=PacingConfig(
-                general_rps=_float(env, "RETAILCRM_PACING_GENERAL_RPS", 8.0),
-                telephony_rps=_float(env, "RETAILCRM_PACING_TELEPHONY_RPS", 32.0),
+                general_rps=_positive(env, "RETAILCRM_PACING_GENERAL_RPS", 8.0),
+                telephony_rps=_positive(env, "RETAILCRM_PACING_TELEPHONY_RPS", 32.0),
             ),
         )
     except ValueError as exc:
