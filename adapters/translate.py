@@ -1,4 +1,4 @@
-"""Host webhook payloads (platform-facts.md §1–2) -> ``CallEvent``, with every host quirk handled.
+"""Host webhook payloads -> ``CallEvent``, with every host quirk handled (docs/asterisk.md#quirks).
 
 The payload sent on is the host's, normalised so that no consumer has to know the quirks:
 

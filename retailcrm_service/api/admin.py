@@ -1,4 +1,4 @@
-"""Admin entry and JSON API under ``/retailcrm-admin/`` (the HTML pages come in a later issue).
+"""Admin entry and JSON API under ``/retailcrm-admin/``.
 
 - ``GET /retailcrm-admin/login?token=<JWT>``: swaps a one-time login token (the CLI's link) or the
   module's account token (RetailCRM's ``accountUrl``) for an HttpOnly session cookie and redirects

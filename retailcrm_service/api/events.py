@@ -1,4 +1,4 @@
-"""``POST /api/events`` (durable intake) and ``POST /api/events/replay`` (ARCHITECTURE.md §4).
+"""``POST /api/events`` (durable intake) and ``POST /api/events/replay`` (README.md's routes).
 
 The 202 is sent only after the accepted events are committed; a database failure answers 503
 ``unavailable`` and nothing of that request is stored, so the caller may simply retry.

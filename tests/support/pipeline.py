@@ -32,7 +32,7 @@ def fixture_records() -> list[dict[str, Any]]:
 
 
 def fixture_events(enterprise: str = ENTERPRISE) -> list[dict[str, Any]]:
-    """Every fixture webhook (but ``start``) as the call service posts it (ARCHITECTURE.md §4)."""
+    """Every fixture webhook (but ``start``) as the call service posts it (README.md's routes)."""
     events = []
     for record in fixture_records():
         if record["event"] == "start":
