@@ -58,7 +58,7 @@ def sandbox_users() -> list[dict[str, Any]]:
 
 
 def module(base_url: str) -> dict[str, Any]:
-    """The telephony module our service registers (what the service's registration sends), enough for call events."""
+    """The telephony module as our service registers it: enough for call events."""
     return {
         "code": MODULE_CODE,
         "integrationCode": MODULE_CODE,
