@@ -111,7 +111,8 @@ def _control(
 
 def _control_routes(sandbox: Sandbox) -> list[Route]:
     def client(request: Request) -> httpx.AsyncClient:
-        return request.app.state.callback_client  # type: ignore[no-any-return]
+        callback_client: httpx.AsyncClient = request.app.state.callback_client
+        return callback_client
 
     async def state(request: Request, body: dict[str, Any]) -> Any:
         query = request.query_params
