@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv test test-fast lint typecheck demo bench clean
+.PHONY: help venv test test-fast lint demo bench clean
 
 help:
 	@echo "make demo   - the whole system on the embedded PostgreSQL and the RetailCRM sandbox"
