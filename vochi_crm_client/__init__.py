@@ -1,7 +1,7 @@
 """Vochi CRM client: the enablement matrix and event dispatch for the platform's call services."""
 
-from ._backoff import BackoffPolicy, SupportsRandom, ceiling, delay
-from ._breaker import BreakerState
+from ._backoff import BackoffPolicy, SupportsRandom, ceiling, delay, parse_retry_after
+from ._breaker import Breaker, BreakerState, Permit
 from ._cache import (
     CACHE_STATS_KEYS,
     NOT_LOADED,
@@ -14,7 +14,14 @@ from ._cache import (
 )
 from ._client import ClientState, CrmClient
 from ._config import BreakerConfig, DispatchConfig
-from ._event import EVENT_TYPES, CallEvent, idempotency_key
+from ._event import (
+    EVENT_TYPES,
+    MAX_EVENT_BYTES,
+    CallEvent,
+    EventFields,
+    idempotency_key,
+    validate_event,
+)
 from ._exceptions import LoadError, LoadTimeout, StateError, VochiCrmError
 from ._listener import (
     LISTENER_STATS_KEYS,
@@ -24,14 +31,24 @@ from ._listener import (
     ListenerState,
     parse_change,
 )
-from ._matrix import EnablementMatrix, MatrixState, mask_token
+from ._matrix import (
+    EnablementMatrix,
+    MatrixState,
+    enabled_sql,
+    enterprise_for_token,
+    mask_token,
+)
+from ._tasks import BackgroundTasks, log_unexpected
 
 __all__ = [
     "CACHE_STATS_KEYS",
     "EVENT_TYPES",
     "LISTENER_STATS_KEYS",
+    "MAX_EVENT_BYTES",
     "NOT_LOADED",
+    "BackgroundTasks",
     "BackoffPolicy",
+    "Breaker",
     "BreakerConfig",
     "BreakerState",
     "CacheSettings",
@@ -43,6 +60,7 @@ __all__ = [
     "CrmClient",
     "DispatchConfig",
     "EnablementMatrix",
+    "EventFields",
     "ListenerSettings",
     "ListenerState",
     "LoadError",
@@ -51,13 +69,19 @@ __all__ = [
     "LookupStatus",
     "MatrixState",
     "NotLoaded",
+    "Permit",
     "RefreshingCache",
     "StateError",
     "SupportsRandom",
     "VochiCrmError",
     "ceiling",
     "delay",
+    "enabled_sql",
+    "enterprise_for_token",
     "idempotency_key",
+    "log_unexpected",
     "mask_token",
     "parse_change",
+    "parse_retry_after",
+    "validate_event",
 ]

@@ -52,6 +52,7 @@ from typing import Any, Final, Generic, Literal, TypeAlias, TypeVar
 
 from ._backoff import SupportsRandom
 from ._exceptions import LoadError, LoadTimeout, StateError
+from ._tasks import BackgroundTasks
 
 __all__ = [
     "CACHE_STATS_KEYS",
@@ -239,8 +240,7 @@ class RefreshingCache(Generic[K, V]):
         self._rng: SupportsRandom = rng if rng is not None else random.Random()
         self._state = CacheState.UNOPENED
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._tg: asyncio.TaskGroup | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = BackgroundTasks(f"cache {name}", logger=logger)
 
         self._entries: dict[K, _Entry[V]] = {}
         self._hot: _HotPath[K, V] = _HotPath(self._peek_slow)
@@ -279,28 +279,18 @@ class RefreshingCache(Generic[K, V]):
         # Kept so that the synchronous methods (invalidate, peek's revalidation) also work when
         # called from code that runs outside the loop's current task.
         self._loop = asyncio.get_running_loop()
-        self._tg = asyncio.TaskGroup()
-        await self._tg.__aenter__()
+        self._tasks.open()
         self._state = CacheState.OPEN
-        self._spawn(self._sweep_forever())
+        self._tasks.start(self._sweep_forever, name=f"cache-{self.name}-sweeper")
         if self._load_all is not None:
-            self._spawn(self._refresh_forever())
+            self._tasks.start(self._refresh_forever, name=f"cache-{self.name}-refresh")
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         # Nothing in flight is worth waiting for: a load's only effect is on this cache.
         self._state = CacheState.CLOSED
-        for task in list(self._tasks):
-            task.cancel()
-        assert self._tg is not None
-        await self._tg.__aexit__(None, None, None)
+        await self._tasks.close()
         self._fail_waiters(StateError(f"cache {self.name!r} closed"))
-
-    def _spawn(self, coro: Any) -> None:
-        assert self._tg is not None
-        task = self._tg.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     def _require_open(self) -> None:
         if self._state is not CacheState.OPEN:
@@ -367,7 +357,7 @@ class RefreshingCache(Generic[K, V]):
         fut: asyncio.Future[V | None] = self._loop.create_future()
         fut.add_done_callback(_retrieve)
         self._inflight[key] = fut
-        self._spawn(self._run_load(key, fut))
+        self._tasks.start(self._run_load, key, fut, name=f"cache-{self.name}-load")
         return fut
 
     async def _run_load(self, key: K, fut: asyncio.Future[V | None]) -> None:
@@ -439,7 +429,7 @@ class RefreshingCache(Generic[K, V]):
         assert reload is not None
         self._running = reload
         self._dirty = set()
-        self._spawn(self._run_reload(reload))
+        self._tasks.start(self._run_reload, reload, name=f"cache-{self.name}-reload")
 
     async def _run_reload(self, reload: _Reload) -> None:
         assert self._load_all is not None

@@ -7,7 +7,8 @@ whose enterprise the matrix has not loaded yet waits in a small pending buffer w
 background load per enterprise runs (the caller does not wait for it).
 
 Lifecycle (``async with``): opening starts the matrix (unless one is passed in), one keep-alive
-HTTP client and ``max_in_flight`` workers per target, all owned by the client's task group.
+HTTP client and ``max_in_flight`` workers per target, all owned by the client's
+``BackgroundTasks``.
 Closing stops intake, flushes for at most ``drain_timeout`` (shielded from the caller's
 cancellation, so a shutting-down service still flushes), cancels what is left and logs, per
 target, how many events it could not deliver; ``stats()`` keeps those numbers.
@@ -25,7 +26,6 @@ from typing import Any, Protocol, Self
 
 import anyio
 import httpx
-from anyio.abc import TaskGroup
 
 from vochi_crm_client._backoff import BackoffPolicy, delay
 from vochi_crm_client._breaker import Breaker, BreakerState
@@ -33,9 +33,10 @@ from vochi_crm_client._cache import NOT_LOADED, CacheSettings, NotLoaded
 from vochi_crm_client._config import BreakerConfig, DispatchConfig
 from vochi_crm_client._dispatch import TargetSender
 from vochi_crm_client._event import CallEvent
-from vochi_crm_client._exceptions import StateError
+from vochi_crm_client._exceptions import LoadError, StateError
 from vochi_crm_client._listener import ListenerSettings
 from vochi_crm_client._matrix import EnablementMatrix
+from vochi_crm_client._tasks import BackgroundTasks, log_unexpected
 
 __all__ = ["ClientState", "CrmClient", "Matrix"]
 
@@ -72,8 +73,9 @@ class CrmClient:
     ``targets`` maps an integration name of ``integrations_config`` (``"retailcrm"``) to the URL
     of its service's ``/api/events``. Either ``dsn`` (the client opens and owns an
     ``EnablementMatrix`` built with ``cache``, ``listener``, ``listen`` and ``preload``) or
-    ``matrix`` (owned by the caller, already open) must be given. The dispatch tunables are
-    those of ``DispatchConfig``; ``breaker`` tunes every target's circuit breaker.
+    ``matrix`` (owned by the caller, already open) must be given. ``dispatch`` holds the
+    batching, retry, buffering and shutdown tunables (``DispatchConfig``); ``breaker`` tunes every
+    target's circuit breaker (``BreakerConfig``); ``cache`` and ``listener`` tune the matrix.
 
     Like any asyncio object it belongs to the event loop (and thread) that opened it: call
     ``emit`` from there (a call service's request handlers do).
@@ -85,20 +87,7 @@ class CrmClient:
         targets: Mapping[str, str],
         dsn: str | None = None,
         matrix: Matrix | None = None,
-        batch_max: int = 100,
-        batch_max_bytes: int = 512 * 1024,
-        linger: float = 0.005,
-        max_in_flight: int = 4,
-        attempt_timeout: float = 2.5,
-        retries: int = 2,
-        backoff_base: float = 0.1,
-        backoff_max: float = 5.0,
-        retry_after_max: float = 30.0,
-        max_queue: int = 50_000,
-        popup_ttl: float = 30.0,
-        supersede_after: float = 1.0,
-        pending_max: int = 10_000,
-        drain_timeout: float = 5.0,
+        dispatch: DispatchConfig | None = None,
         breaker: BreakerConfig | None = None,
         cache: CacheSettings | None = None,
         listener: ListenerSettings | None = None,
@@ -116,22 +105,7 @@ class CrmClient:
         for name, url in targets.items():
             if not name or not isinstance(url, str) or not url.startswith(("http://", "https://")):
                 raise ValueError(f"target {name!r} needs an http(s) URL")
-        self.config = DispatchConfig(
-            batch_max=batch_max,
-            batch_max_bytes=batch_max_bytes,
-            linger=linger,
-            max_in_flight=max_in_flight,
-            attempt_timeout=attempt_timeout,
-            retries=retries,
-            backoff_base=backoff_base,
-            backoff_max=backoff_max,
-            retry_after_max=retry_after_max,
-            max_queue=max_queue,
-            popup_ttl=popup_ttl,
-            supersede_after=supersede_after,
-            pending_max=pending_max,
-            drain_timeout=drain_timeout,
-        )
+        self.config = dispatch or DispatchConfig()
         self.breaker_config = breaker or BreakerConfig()
         self._targets = dict(targets)
         self._dsn = dsn
@@ -150,11 +124,10 @@ class CrmClient:
         self._state = ClientState.UNOPENED
         self._senders: dict[str, TargetSender] = {}
         self._stack: AsyncExitStack | None = None
-        self._tg: TaskGroup | None = None
+        self._tasks = BackgroundTasks("crm-client", logger=logger)
         self._pending: dict[str, list[tuple[CallEvent, float]]] = {}
         self._pending_count = 0
         self._resolved = anyio.Event()
-        self._resolver_scopes: set[anyio.CancelScope] = set()
         self._counts = dict.fromkeys(
             (
                 "emitted",
@@ -214,14 +187,12 @@ class CrmClient:
                     sleep=self._sleep,
                     rng=self._rng,
                 )
-            # Entered apart from the stack: it must be exited outside the shielded drain scope.
-            self._tg = anyio.create_task_group()
-            await self._tg.__aenter__()
         except BaseException:
             await stack.aclose()
             raise
+        self._tasks.open()
         for sender in self._senders.values():
-            sender.start(self._tg)
+            sender.start(self._tasks)
         self._stack = stack
         self._state = ClientState.OPEN
         return self
@@ -231,18 +202,15 @@ class CrmClient:
             return
         self._state = ClientState.CLOSING
         assert self._stack is not None
-        assert self._tg is not None
         try:
+            # Shielded: a caller being cancelled still gets its events flushed. The workers and
+            # resolvers are the client's own tasks, which the caller's cancellation never reaches.
             with anyio.CancelScope(shield=True):
                 await self._drain_within_deadline()
-            for sender in self._senders.values():
-                sender.cancel()
-            for scope in self._resolver_scopes:
-                scope.cancel()
-            self._tg.cancel_scope.cancel()
-            # Counted before the workers unwind: nothing moves once their scope is cancelled.
+            self._tasks.cancel()
+            # Counted before the workers unwind: nothing moves once they are cancelled.
             self._report_undelivered()
-            await self._tg.__aexit__(None, None, None)
+            await self._tasks.close()
         finally:
             self._state = ClientState.CLOSED
             with anyio.CancelScope(shield=True):
@@ -343,19 +311,9 @@ class CrmClient:
             waiting = self._pending[number] = []
             if self._resolved.is_set():
                 self._resolved = anyio.Event()
-            assert self._tg is not None
-            self._tg.start_soon(self._shielded_resolve, number, name=f"vochi-crm-resolve-{number}")
+            self._tasks.start(self._resolve, number, name=f"vochi-crm-resolve-{number}")
         waiting.append((event, self._clock()))
         self._pending_count += 1
-
-    async def _shielded_resolve(self, number: str) -> None:
-        # Shielded like the senders' workers: the drain waits for the events it routes.
-        with anyio.CancelScope(shield=True) as scope:
-            self._resolver_scopes.add(scope)
-            try:
-                await self._resolve(number)
-            finally:
-                self._resolver_scopes.discard(scope)
 
     async def _resolve(self, number: str) -> None:
         """Load ``number`` into the matrix, then route the events that waited for it."""
@@ -368,12 +326,17 @@ class CrmClient:
             except Exception as exc:  # LoadError, or a bug: keep the call path unaffected
                 attempt += 1
                 self._counts["resolve_errors"] += 1
-                logger.warning(
-                    "crm.resolve_failed enterprise=%s attempt=%d error=%s",
-                    number,
-                    attempt,
-                    type(exc).__name__,
-                )
+                if isinstance(exc, LoadError):
+                    logger.warning(
+                        "crm.resolve_failed enterprise=%s attempt=%d error=%s",
+                        number,
+                        attempt,
+                        type(exc).__name__,
+                    )
+                else:
+                    log_unexpected(
+                        logger, "crm.resolve_failed", exc, enterprise=number, attempt=attempt
+                    )
                 await self._sleep(delay(attempt, _RESOLVE_BACKOFF, self._rng))
         waiting = self._pending.pop(number, [])
         self._pending_count -= len(waiting)

@@ -15,28 +15,26 @@ The workers never raise: an error in the library must not cancel the call servic
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import math
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import httpx
-from anyio.abc import TaskGroup
 
-from vochi_crm_client._backoff import BackoffPolicy, delay
+from vochi_crm_client._backoff import BackoffPolicy, delay, parse_retry_after
 from vochi_crm_client._breaker import Breaker, BreakerState, Permit
 from vochi_crm_client._buffer import Counters, Entry, TargetBuffer
 from vochi_crm_client._config import DispatchConfig
 from vochi_crm_client._event import CallEvent
+from vochi_crm_client._tasks import BackgroundTasks, log_unexpected
 
-__all__ = ["TargetSender", "parse_retry_after"]
+__all__ = ["TargetSender"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,22 +54,6 @@ class _Outcome:
     reply: Any = None
     retry_after: float | None = None
     error: str = ""
-
-
-def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date), if valid."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isascii() and value.isdigit():  # isdigit alone admits '²', which float() refuses
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
 def _redact_url(url: str) -> str:
@@ -135,7 +117,6 @@ class TargetSender:
         self._breaker_naps: set[anyio.CancelScope] = set()
         self._closing = False
         self._workers = 0
-        self._worker_scopes: set[anyio.CancelScope] = set()
         self._idle = anyio.Event()
         self._batch_ms: deque[float] = deque(maxlen=1024)
         self._event_ms: deque[float] = deque(maxlen=4096)
@@ -153,20 +134,15 @@ class TargetSender:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def start(self, task_group: TaskGroup) -> None:
-        """Start the workers in the owner's task group.
+    def start(self, tasks: BackgroundTasks) -> None:
+        """Start the workers as tasks of the owner, which stops them by closing ``tasks``.
 
-        Each worker runs shielded: cancelling the owner must not kill the flush that its
-        ``close`` is waiting for. The owner stops them with ``cancel()`` once it is done.
+        The owner's tasks are not reached by its caller's cancellation: a cancelled caller does
+        not kill the flush that ``close`` is waiting for.
         """
         for i in range(self.config.max_in_flight):
             self._workers += 1
-            task_group.start_soon(self._shielded_worker, name=f"vochi-crm-{self.name}-{i}")
-
-    def cancel(self) -> None:
-        """Stop every worker now (after the drain deadline, or to tear down)."""
-        for scope in self._worker_scopes:
-            scope.cancel()
+            tasks.start(self._worker, name=f"vochi-crm-{self.name}-{i}")
 
     def close(self) -> None:
         """Stop waiting for more events: workers flush what is queued, then exit."""
@@ -185,19 +161,14 @@ class TargetSender:
 
     # -- workers -----------------------------------------------------------------------------
 
-    async def _shielded_worker(self) -> None:
-        with anyio.CancelScope(shield=True) as scope:
-            self._worker_scopes.add(scope)
-            await self._worker()
-
     async def _worker(self) -> None:
         try:
             while True:
                 try:
                     if not await self._step():
                         return
-                except Exception:
-                    logger.exception("dispatch.worker_error target=%s", self.name)
+                except Exception as exc:  # a bug: keep the worker, with the stack trace logged
+                    log_unexpected(logger, "dispatch.worker_error", exc, target=self.name)
                     await self._sleep(1.0)
         finally:
             self._workers -= 1
@@ -323,7 +294,9 @@ class TargetSender:
             return _Outcome("accepted", status, reply)
         error = f"HTTP {status}"
         if status == 429 or status >= 500:
-            retry_after = parse_retry_after(response.headers.get("retry-after"))
+            retry_after = parse_retry_after(
+                response.headers.get("retry-after"), cap=self.config.retry_after_max
+            )
             return _Outcome("retry", status, retry_after=retry_after, error=error)
         return _Outcome("fatal", status, error=error)
 
@@ -423,8 +396,8 @@ class TargetSender:
 
     def _retry_delay(self, attempt: int, outcome: _Outcome) -> float:
         wait = delay(attempt, self._backoff, self._rng)
-        if outcome.retry_after is not None:
-            wait = max(wait, min(outcome.retry_after, self.config.retry_after_max))
+        if outcome.retry_after is not None:  # already capped at retry_after_max
+            wait = max(wait, outcome.retry_after)
         return wait
 
     # -- observation -------------------------------------------------------------------------

@@ -1,8 +1,12 @@
-"""``CallEvent``: one validated call event, and the idempotency key the whole system shares.
+"""``CallEvent``: one validated call event, and the rules and key the whole system shares.
 
 The event is validated and serialised once, when it is built: a bad event fails in the caller's
 hands with a clear ``ValueError`` instead of poisoning a batch later, and the bytes that go on the
 wire cannot change if the caller mutates its payload afterwards.
+
+``validate_event`` is the validation alone (no copy, no serialisation): ``CallEvent`` uses it, and
+so does the service's intake, so that a call service and the service accept exactly the same
+events and derive the same idempotency key.
 """
 
 from __future__ import annotations
@@ -15,7 +19,17 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Any, Final, Literal
 
-__all__ = ["EVENT_TYPES", "ORIGINS", "CallEvent", "EventType", "Origin", "idempotency_key"]
+__all__ = [
+    "EVENT_TYPES",
+    "MAX_EVENT_BYTES",
+    "ORIGINS",
+    "CallEvent",
+    "EventFields",
+    "EventType",
+    "Origin",
+    "idempotency_key",
+    "validate_event",
+]
 
 EventType = Literal["dial", "bridge", "hangup", "download"]
 Origin = Literal["live", "download"]
@@ -77,7 +91,7 @@ def _extensions_of(payload: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def _parse_occurred_at(value: datetime | str | None) -> datetime | None:
+def _parse_occurred_at(value: Any) -> datetime | None:
     if value is None:
         return None
     if isinstance(value, str):
@@ -90,6 +104,60 @@ def _parse_occurred_at(value: datetime | str | None) -> datetime | None:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError("occurred_at must be timezone-aware")
     return value
+
+
+@dataclass(frozen=True, slots=True)
+class EventFields:
+    """What ``validate_event`` derived from one event's fields."""
+
+    call_unique_id: str
+    origin: Origin
+    occurred_at: datetime | None
+    idempotency_key: str
+
+
+def validate_event(
+    *,
+    enterprise_number: Any,
+    event_type: Any,
+    call_unique_id: Any = "",
+    payload: Any,
+    occurred_at: Any = None,
+    origin: Any = None,
+) -> EventFields:
+    """Check one event's fields (ARCHITECTURE.md §4); ``ValueError`` says what is wrong.
+
+    ``call_unique_id`` defaults to ``payload["UniqueId"]``; ``origin`` to ``"download"`` for
+    ``event_type="download"`` and ``"live"`` otherwise; ``occurred_at`` is a timezone-aware
+    datetime or ISO-8601 string. The payload is read, never copied or serialised.
+    """
+    if not isinstance(enterprise_number, str) or not _ENTERPRISE_RE.fullmatch(enterprise_number):
+        raise ValueError(f"enterprise_number is invalid: {enterprise_number!r}")
+    # isinstance first: a list or dict is unhashable, and must be a ValueError like any other.
+    if not isinstance(event_type, str) or event_type not in EVENT_TYPES:
+        raise ValueError(f"event_type must be one of {sorted(EVENT_TYPES)}, not {event_type!r}")
+    if not isinstance(payload, Mapping) or not all(isinstance(k, str) for k in payload):
+        raise ValueError("payload must be a mapping with string keys")
+    uid = call_unique_id or payload.get("UniqueId", "")
+    if not isinstance(uid, str) or not _UNIQUE_ID_RE.fullmatch(uid):
+        raise ValueError(f"call_unique_id (or payload.UniqueId) is invalid: {uid!r}")
+    when = _parse_occurred_at(occurred_at)
+    checked_origin = _checked_origin(event_type, origin)
+    exts = _extensions_of(payload) if event_type == "dial" else []
+    key = idempotency_key(enterprise_number, uid, event_type, exts)
+    return EventFields(uid, checked_origin, when, key)
+
+
+def _checked_origin(event_type: str, origin: Any) -> Origin:
+    if origin is None:
+        return "download" if event_type == "download" else "live"
+    if not isinstance(origin, str) or origin not in ORIGINS:
+        raise ValueError(f"origin must be 'live' or 'download', not {origin!r}")
+    if origin == "download" and event_type in POPUP_TYPES:
+        raise ValueError("only hangups can be recovered (origin='download')")
+    if origin == "live" and event_type == "download":
+        raise ValueError("a download event cannot have origin='live'")
+    return "download" if origin == "download" else "live"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
@@ -114,44 +182,21 @@ class CallEvent:
     wire: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.enterprise_number, str) or not _ENTERPRISE_RE.fullmatch(
-            self.enterprise_number
-        ):
-            raise ValueError(f"enterprise_number is invalid: {self.enterprise_number!r}")
-        # isinstance first: a list or dict is unhashable, and must be a ValueError like any other.
-        if not isinstance(self.event_type, str) or self.event_type not in EVENT_TYPES:
-            raise ValueError(
-                f"event_type must be one of {sorted(EVENT_TYPES)}, not {self.event_type!r}"
-            )
-        if not isinstance(self.payload, Mapping) or not all(
-            isinstance(k, str) for k in self.payload
-        ):
-            raise ValueError("payload must be a mapping with string keys")
-        payload = MappingProxyType(dict(self.payload))
-        object.__setattr__(self, "payload", payload)
-        uid = self.call_unique_id or payload.get("UniqueId", "")
-        if not isinstance(uid, str) or not _UNIQUE_ID_RE.fullmatch(uid):
-            raise ValueError(f"call_unique_id (or payload.UniqueId) is invalid: {uid!r}")
-        object.__setattr__(self, "call_unique_id", uid)
-        object.__setattr__(self, "occurred_at", _parse_occurred_at(self.occurred_at))
-        object.__setattr__(self, "origin", self._checked_origin())
-        exts = _extensions_of(payload) if self.event_type == "dial" else []
-        key = idempotency_key(self.enterprise_number, uid, self.event_type, exts)
-        object.__setattr__(self, "idempotency_key", key)
+        fields = validate_event(
+            enterprise_number=self.enterprise_number,
+            event_type=self.event_type,
+            call_unique_id=self.call_unique_id,
+            payload=self.payload,
+            occurred_at=self.occurred_at,
+            origin=self.origin,
+        )
+        object.__setattr__(self, "payload", MappingProxyType(dict(self.payload)))
+        object.__setattr__(self, "call_unique_id", fields.call_unique_id)
+        object.__setattr__(self, "occurred_at", fields.occurred_at)
+        object.__setattr__(self, "origin", fields.origin)
+        object.__setattr__(self, "idempotency_key", fields.idempotency_key)
         object.__setattr__(self, "is_popup", self.event_type in POPUP_TYPES)
         object.__setattr__(self, "wire", self._encode())
-
-    def _checked_origin(self) -> Origin:
-        origin = self.origin
-        if origin is None:
-            return "download" if self.event_type == "download" else "live"
-        if not isinstance(origin, str) or origin not in ORIGINS:
-            raise ValueError(f"origin must be 'live' or 'download', not {origin!r}")
-        if origin == "download" and self.event_type in POPUP_TYPES:
-            raise ValueError("only hangups can be recovered (origin='download')")
-        if origin == "live" and self.event_type == "download":
-            raise ValueError("a download event cannot have origin='live'")
-        return origin
 
     def _encode(self) -> bytes:
         try:

@@ -55,7 +55,8 @@ import asyncpg
 
 from ._backoff import BackoffPolicy, SupportsRandom, delay
 from ._cache import Clock, Sleep
-from ._exceptions import StateError
+from ._exceptions import LoadError, StateError
+from ._tasks import BackgroundTasks, log_unexpected
 
 __all__ = [
     "LISTENER_STATS_KEYS",
@@ -161,8 +162,7 @@ class ChangeListener:
         self._rng: SupportsRandom = rng if rng is not None else random.Random()
         self._id = secrets.token_hex(6)
         self._state = ListenerState.IDLE
-        self._tg: asyncio.TaskGroup | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = BackgroundTasks(f"listener {self.settings.channel}", logger=logger)
         self._conn: Any = None
         self._lost = asyncio.Event()
         self._listening = asyncio.Event()
@@ -212,22 +212,17 @@ class ChangeListener:
     async def __aenter__(self) -> ChangeListener:
         if self._state is not ListenerState.IDLE:
             raise StateError("a listener can be opened only once")
-        self._tg = asyncio.TaskGroup()
-        await self._tg.__aenter__()
+        self._tasks.open()
         self._state = ListenerState.CONNECTING
-        for coro in (self._supervise(), self._heartbeat_forever(), self._reload_forever()):
-            task = self._tg.create_task(coro)
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        self._tasks.start(self._supervise, name="listener-connection")
+        self._tasks.start(self._heartbeat_forever, name="listener-heartbeat")
+        self._tasks.start(self._reload_forever, name="listener-reload")
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         # Nothing to drain: notifications are hints and reloads are idempotent.
         self._state = ListenerState.CLOSED
-        for task in list(self._tasks):
-            task.cancel()
-        assert self._tg is not None
-        await self._tg.__aexit__(None, None, None)
+        await self._tasks.close()
 
     # -- connection ------------------------------------------------------------------------
 
@@ -328,8 +323,8 @@ class ChangeListener:
             self.request_reload()  # the running reload may have read the state before this
         try:
             self._on_change(change)
-        except Exception:
-            logger.exception("listener.on_change_failed channel=%s", self.settings.channel)
+        except Exception as exc:  # a bug of the consumer: the listener carries on
+            log_unexpected(logger, "listener.on_change_failed", exc, channel=self.settings.channel)
 
     def _maybe_own_heartbeat(self, payload: str) -> None:
         data = json.loads(payload)
@@ -371,6 +366,10 @@ class ChangeListener:
             except Exception as exc:
                 self._counts["reload_errors"] += 1
                 self._note_error("listener.reload_failed", exc)
+                if not isinstance(exc, LoadError):  # not a failed load: a bug, keep its trace
+                    log_unexpected(
+                        logger, "listener.reload_error", exc, channel=self.settings.channel
+                    )
                 attempt += 1
                 await self._sleep(delay(attempt, self.settings.reload_retry, self._rng))
                 if self._state is ListenerState.LISTENING:

@@ -26,8 +26,10 @@ may be pre-bound (``lookup = matrix.lookup``): they always read the current snap
 
 "Enabled" is exactly the platform's rule: ``enterprises.active`` and
 ``integrations_config-><key>->>'enabled' = 'true'``, for every top-level key whose value is an
-object (retailcrm, uon, ms, bitrix24, ...). A token is ``name2``, ``secret`` or ``number``, in
-that order of precedence when two enterprises would claim the same string.
+object (retailcrm, uon, ms, bitrix24, ...); ``enabled_sql`` states it once for every query of the
+system that needs it. A token is ``name2``, ``secret`` or ``number``, in that order of precedence
+when two enterprises would claim the same string; ``enterprise_for_token`` is that lookup for
+anyone who resolves a single token. ``mask_token`` is the system's one masking rule.
 
 Coherence: ``LISTEN integrations_changed`` (see ``_listener``) invalidates the enterprise named
 in each notification (and, for ``"*"`` changes, every token of it and every negative token), and
@@ -41,9 +43,10 @@ from __future__ import annotations
 import asyncio
 import enum
 import random
+import re
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 
@@ -52,19 +55,46 @@ from ._cache import CacheSettings, CacheState, Clock, NotLoaded, RefreshingCache
 from ._exceptions import LoadError, StateError
 from ._listener import Change, ChangeListener, ListenerSettings, ListenerState
 
-__all__ = ["EnablementMatrix", "MatrixState", "mask_token"]
+__all__ = [
+    "EnablementMatrix",
+    "MatrixState",
+    "enabled_sql",
+    "enterprise_for_token",
+    "mask_token",
+]
 
-_ENABLED_SQL = """
+_SQL_OPERAND = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*( -> '[A-Za-z0-9_]+')?")
+
+
+def enabled_sql(active: str, config: str) -> str:
+    """The platform's "enabled" rule as a boolean SQL expression, never NULL.
+
+    ``active`` names the ``enterprises.active`` column (``"e.active"``); ``config`` the JSON object
+    of one integration (``"e.integrations_config -> 'retailcrm'"``, or a ``jsonb_each`` value).
+    Both are SQL written by the caller, checked to be a plain column reference (optionally
+    followed by ``-> 'key'``), never user input.
+    """
+    for operand in (active, config):
+        if not _SQL_OPERAND.fullmatch(operand):
+            raise ValueError(f"not a column reference: {operand!r}")
+    return (
+        f"COALESCE({active} IS TRUE AND jsonb_typeof({config}) = 'object'"
+        f" AND {config} ->> 'enabled' = 'true', false)"
+    )
+
+
+# Built from constants only (enabled_sql checks its operands).
+_ENABLED_SQL = f"""
 SELECT e.number,
-       COALESCE(array_agg(c.key ORDER BY c.key) FILTER (WHERE c.key IS NOT NULL), '{}') AS enabled
+       COALESCE(array_agg(c.key ORDER BY c.key) FILTER (WHERE c.key IS NOT NULL), '{{}}') AS enabled
   FROM enterprises e
   LEFT JOIN LATERAL jsonb_each(
-           CASE WHEN e.active IS TRUE AND jsonb_typeof(e.integrations_config) = 'object'
-                THEN e.integrations_config ELSE '{}'::jsonb END) AS c(key, value)
-         ON jsonb_typeof(c.value) = 'object' AND c.value ->> 'enabled' = 'true'
+           CASE WHEN jsonb_typeof(e.integrations_config) = 'object'
+                THEN e.integrations_config ELSE '{{}}'::jsonb END) AS c(key, value)
+         ON {enabled_sql("e.active", "c.value")}
  -- WHERE
  GROUP BY e.number
-"""
+"""  # noqa: S608
 _ALL_ENABLED = _ENABLED_SQL
 _ONE_ENABLED = _ENABLED_SQL.replace("-- WHERE", "WHERE e.number = $1")
 _ALL_IDENTITIES = "SELECT number, name2, secret FROM enterprises"
@@ -76,6 +106,17 @@ SELECT number FROM enterprises
 """
 
 
+class _Fetches(Protocol):
+    async def fetchval(self, query: str, *args: Any) -> Any: ...
+
+
+async def enterprise_for_token(conn: _Fetches, token: str) -> str | None:
+    """The number of the enterprise a host ``Token`` names (``name2``, ``secret``, then
+    ``number``), or None; ``conn`` is an asyncpg connection or pool."""
+    number = await conn.fetchval(_RESOLVE_ONE, token)
+    return None if number is None else str(number)
+
+
 class MatrixState(enum.Enum):
     UNOPENED = "unopened"
     OPEN = "open"
@@ -83,8 +124,9 @@ class MatrixState(enum.Enum):
 
 
 def mask_token(token: str) -> str:
-    """A token fit for logs: ``***`` and at most its last 4 characters."""
-    return "***" + token[-4:] if len(token) > 8 else "***"
+    """A secret fit for logs and screens: ``***``, plus its last 4 characters when it is long
+    enough (16+) that they reveal little. The one masking rule of the whole system."""
+    return "***" + token[-4:] if len(token) >= 16 else "***"
 
 
 class EnablementMatrix:
@@ -258,8 +300,9 @@ class EnablementMatrix:
         return tokens
 
     async def _load_token(self, token: str) -> str | None:
-        rows = await self._fetch(_RESOLVE_ONE, token)
-        return str(rows[0]["number"]) if rows else None
+        self._queries += 1
+        async with self._pool.acquire() as conn:
+            return await enterprise_for_token(conn, token)
 
     # -- observability ---------------------------------------------------------------------
 

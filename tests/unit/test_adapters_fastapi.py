@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from adapters.call_service import DEFAULT_TARGETS, build_parser, parse_targets, settings_from
 from adapters.fastapi import CrmDep, crm_lifespan, operations_router
 from tests.unit.test_client import MemoryMatrix, Receivers
-from vochi_crm_client import CallEvent, CrmClient
+from vochi_crm_client import CallEvent, CrmClient, DispatchConfig
 
 pytestmark = pytest.mark.anyio
 
@@ -39,7 +39,7 @@ def app_with_client(receivers: Receivers) -> FastAPI:
             targets={"retailcrm": "http://retailcrm.test/api/events"},
             matrix=matrix,
             transport=httpx.MockTransport(receivers),
-            linger=0,
+            dispatch=DispatchConfig(linger=0),
         )
 
     app = FastAPI(lifespan=crm_lifespan(make))

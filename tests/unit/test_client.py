@@ -12,6 +12,7 @@ import pytest
 
 from vochi_crm_client._cache import NOT_LOADED, NotLoaded
 from vochi_crm_client._client import ClientState, CrmClient
+from vochi_crm_client._config import DispatchConfig
 from vochi_crm_client._event import CallEvent
 from vochi_crm_client._exceptions import LoadError
 from vochi_crm_client.testing import FakeClock, seeded_rng, settle
@@ -72,16 +73,16 @@ def hangup(uid: str, ent: str = "0367") -> CallEvent:
     return CallEvent(enterprise_number=ent, event_type="hangup", call_unique_id=uid)
 
 
-def client(matrix: Any, receivers: Receivers, clock: FakeClock, **kwargs: Any) -> CrmClient:
-    kwargs.setdefault("linger", 0)
+def client(matrix: Any, receivers: Receivers, clock: FakeClock, **dispatch: Any) -> CrmClient:
+    dispatch.setdefault("linger", 0)
     return CrmClient(
         targets=TARGETS,
         matrix=matrix,
+        dispatch=DispatchConfig(**dispatch),
         transport=httpx.MockTransport(receivers),
         clock=clock,
         sleep=clock.sleep,
         rng=seeded_rng(3),
-        **kwargs,
     )
 
 
@@ -254,7 +255,7 @@ def test_constructor_validates_its_arguments() -> None:
     with pytest.raises(ValueError, match="URL"):
         CrmClient(targets={"retailcrm": "ftp://x"}, dsn="postgresql://x")
     with pytest.raises(ValueError, match="batch_max"):
-        CrmClient(targets=TARGETS, dsn="postgresql://x", batch_max=0)
+        CrmClient(targets=TARGETS, dsn="postgresql://x", dispatch=DispatchConfig(batch_max=0))
 
 
 async def test_a_cancelled_owner_still_drains_then_the_cancellation_proceeds() -> None:

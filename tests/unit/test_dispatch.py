@@ -11,11 +11,13 @@ import anyio
 import httpx
 import pytest
 
+from vochi_crm_client import parse_retry_after
 from vochi_crm_client._backoff import BackoffPolicy, delay
 from vochi_crm_client._breaker import Breaker
 from vochi_crm_client._config import BreakerConfig, DispatchConfig
-from vochi_crm_client._dispatch import TargetSender, parse_retry_after
+from vochi_crm_client._dispatch import TargetSender
 from vochi_crm_client._event import CallEvent
+from vochi_crm_client._tasks import BackgroundTasks
 from vochi_crm_client.testing import FakeClock, seeded_rng, settle
 
 pytestmark = pytest.mark.anyio  # before collection, so parametrized async tests work
@@ -79,10 +81,9 @@ async def sender_for(
     **config: Any,
 ) -> AsyncIterator[TargetSender]:
     config.setdefault("max_in_flight", 1)
-    async with (
-        httpx.AsyncClient(transport=httpx.MockTransport(target)) as http,
-        anyio.create_task_group() as tg,
-    ):
+    async with httpx.AsyncClient(transport=httpx.MockTransport(target)) as http:
+        tasks = BackgroundTasks("test-sender")
+        tasks.open()
         sender = TargetSender(
             name="crm",
             url=URL,
@@ -93,11 +94,11 @@ async def sender_for(
             sleep=clock.sleep,
             rng=seeded_rng(2),
         )
-        sender.start(tg)
+        sender.start(tasks)
         try:
             yield sender
         finally:
-            sender.cancel()
+            await tasks.close()
 
 
 async def test_full_batches_go_at_once_and_the_remainder_after_linger() -> None:

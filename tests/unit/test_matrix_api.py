@@ -86,9 +86,18 @@ def test_listener_settings_defaults_match_production() -> None:
 
 @pytest.mark.parametrize(
     ("token", "shown"),
-    [("0367", "***"), ("a" * 28 + "9f3e", "***9f3e"), ("token-0367", "***0367"), ("", "***")],
+    [
+        ("0367", "***"),
+        ("a" * 28 + "9f3e", "***9f3e"),
+        ("token-0367", "***"),
+        ("x" * 11 + "0367", "***"),
+        ("x" * 12 + "0367", "***0367"),
+        ("", "***"),
+    ],
 )
-def test_tokens_are_masked_to_at_most_their_last_four_characters(token: str, shown: str) -> None:
+def test_tokens_are_masked_to_their_last_four_characters_only_from_16_on(
+    token: str, shown: str
+) -> None:
     assert mask_token(token) == shown
 
 
