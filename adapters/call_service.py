@@ -29,10 +29,7 @@ from fastapi.responses import JSONResponse, Response
 
 from adapters.fastapi import crm_lifespan, get_crm, operations_router
 from adapters.translate import Skipped, Translator
-from vochi_crm_client._cache import NOT_LOADED
-from vochi_crm_client._client import CrmClient
-from vochi_crm_client._exceptions import VochiCrmError
-from vochi_crm_client._matrix import mask_token
+from vochi_crm_client import NOT_LOADED, CrmClient, VochiCrmError, mask_token
 
 __all__ = ["CallServiceSettings", "create_app", "main", "parse_targets"]
 
@@ -45,7 +42,8 @@ _QUEUED: Final = b'{"status":"queued"}'
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CallServiceSettings:
-    """Everything the call service needs; ``client_options`` go to ``CrmClient`` as keywords."""
+    """Everything the call service needs; ``client_options`` go to ``CrmClient`` as keywords
+    (its configuration objects: ``dispatch=DispatchConfig(...)``, ``breaker=``, ``cache=``...)."""
 
     dsn: str = field(repr=False)
     targets: Mapping[str, str]

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 
-from vochi_crm_client._client import CrmClient
+from vochi_crm_client import CrmClient
 
 __all__ = ["CrmDep", "crm_lifespan", "get_crm", "operations_router"]
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, Literal
 
-from vochi_crm_client._event import CallEvent
+from vochi_crm_client import CallEvent
 
 __all__ = ["HOST_EVENTS", "Skipped", "Translator", "normalise_payload", "translate"]
 

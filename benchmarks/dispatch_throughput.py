@@ -32,9 +32,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-from vochi_crm_client._cache import NotLoaded
-from vochi_crm_client._client import CrmClient
-from vochi_crm_client._event import CallEvent
+from vochi_crm_client import CallEvent, CrmClient, DispatchConfig, NotLoaded
 
 ENTERPRISES = [f"{n:04d}" for n in range(1, 51)]
 
@@ -142,9 +140,7 @@ async def deliver(url: str, events: list[CallEvent], *, batch_max: int) -> dict[
     async with CrmClient(
         targets={"bench": url},
         matrix=StaticMatrix(),
-        batch_max=batch_max,
-        max_queue=len(events) + 1,
-        drain_timeout=60,
+        dispatch=DispatchConfig(batch_max=batch_max, max_queue=len(events) + 1, drain_timeout=60),
     ) as crm:
         # Warm the keep-alive connections up before the clock starts.
         crm.emit(events[0])
@@ -175,8 +171,7 @@ async def emit_cost(events: list[CallEvent], rounds: int) -> tuple[float, float]
         async with CrmClient(
             targets={"bench": "http://127.0.0.1:9/unused"},
             matrix=StaticMatrix(),
-            max_queue=len(events) + 1,
-            drain_timeout=0,
+            dispatch=DispatchConfig(max_queue=len(events) + 1, drain_timeout=0),
         ) as crm:
             emit = crm.emit
             gc.collect()

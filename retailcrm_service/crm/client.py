@@ -12,7 +12,8 @@ Exception tree (nothing from httpx leaks out)::
 
     RetailCrmError
      +-- RetailCrmUnavailable        network error, timeout, 5xx, HTML or non-JSON body (retryable)
-     |    +-- RetailCrmRateLimited   503 / 429 (``retry_after`` seconds when the server said so)
+     |    +-- RetailCrmRateLimited   503 / 429 (``retry_after``: the server's Retry-After in
+     |                               seconds, capped; see ``vochi_crm_client.parse_retry_after``)
      +-- RetailCrmApiError           ``success: false`` or other 4xx: status, error_msg, errors
           +-- RetailCrmAuthError     401/403 or a key error message (missing, wrong, access denied)
 
@@ -32,6 +33,7 @@ from typing import Any
 import httpx
 
 from retailcrm_service.security.secrets import Secret
+from vochi_crm_client import parse_retry_after
 
 logger = logging.getLogger(__name__)
 
@@ -280,7 +282,7 @@ def _interpret(response: httpx.Response, path: str) -> dict[str, Any]:
             f"rate limited (HTTP {status})",
             status=status,
             method=path,
-            retry_after=_retry_after(response.headers.get("Retry-After")),
+            retry_after=parse_retry_after(response.headers.get("Retry-After")),
         )
     text = response.text
     if text.lstrip().startswith("<"):
@@ -313,15 +315,6 @@ def _interpret(response: httpx.Response, path: str) -> dict[str, Any]:
         else RetailCrmApiError
     )
     raise kind(error_msg, status=status, method=path, error_msg=error_msg, errors=errors)
-
-
-def _retry_after(raw: str | None) -> float | None:
-    if not raw:
-        return None
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        return None
 
 
 def _list_params(filters: Mapping[str, Any] | None, limit: int, page: int) -> dict[str, Any]:

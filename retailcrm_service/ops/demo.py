@@ -31,6 +31,8 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import httpx
 
+from retailcrm_service.crm.mapping import DEFAULT_TIMEZONE
+from retailcrm_service.security.secrets import mask
 from retailcrm_service.settings import data_dir_from, database_url_from
 from retailcrm_service.storage.database import database_url, migrate, redact_dsn
 
@@ -188,10 +190,6 @@ def _script(name: str) -> str:
     return str(local) if local.exists() else (shutil.which(name) or name)
 
 
-def _mask(secret: str) -> str:
-    return "***" + secret[-4:]
-
-
 class DemoSystem:
     """The sandbox, the RetailCRM service and the reference call service as real processes."""
 
@@ -293,7 +291,7 @@ class DemoSystem:
         """An incoming call through the call service, as the Asterisk host sends it."""
         unique_id = f"{int(time.time())}.{secrets.randbelow(10_000)}"
         phone = "+375291234567"
-        now = datetime.now(ZoneInfo("Europe/Minsk")).replace(tzinfo=None, microsecond=0)
+        now = datetime.now(ZoneInfo(DEFAULT_TIMEZONE)).replace(tzinfo=None, microsecond=0)
         fmt = "%Y-%m-%d %H:%M:%S"
         common = {
             "Token": enterprise.token,
@@ -380,7 +378,7 @@ class DemoSystem:
             [
                 "",
                 f"RetailCRM sandbox  {self.sandbox_url}  state: {self.sandbox_url}/_sandbox/state"
-                f"  (API key {_mask(self.api_key)})",
+                f"  (API key {mask(self.api_key)})",
                 f"RetailCRM service  {self.service_url}  /health /stats /metrics",
                 f"Call service       {self.call_service_url}  POST /start /dial /bridge /hangup;"
                 " /health /stats",

@@ -7,7 +7,7 @@ account gets at most one request in flight from this instance). Popups go out on
 ``telephony/call/event``; history goes out as ``telephony/calls/upload`` in batches of up to 50.
 
 Failures: a 503/429 slows the API key down (``Pacer.penalise``) and retries soon; connection
-errors, timeouts and 5xx feed the enterprise's breaker (``vochi_crm_client._breaker``) and retry
+errors, timeouts and 5xx feed the enterprise's breaker (the library's ``Breaker``) and retry
 with persisted backoff; while the breaker is open rows are deferred without using up attempts;
 other 4xx answers are final (dead-lettered: retrying cannot fix them). Every attempt is written
 to ``integration_logs`` with the call's ``call_unique_id`` (secrets masked by the writer).
@@ -51,9 +51,14 @@ from retailcrm_service.crm.mapping import (
     valid_timezone,
 )
 from retailcrm_service.crm.pacing import Pacer, PacingConfig
-from retailcrm_service.pipeline.outbox import OutboxConfig, OutboxRow, OutboxStore, Outcome
-from vochi_crm_client._breaker import Breaker
-from vochi_crm_client._config import BreakerConfig
+from retailcrm_service.pipeline.outbox import (
+    DATABASE_ERRORS,
+    OutboxConfig,
+    OutboxRow,
+    OutboxStore,
+    Outcome,
+)
+from vochi_crm_client import BackgroundTasks, Breaker, BreakerConfig, log_unexpected
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +210,7 @@ class DeliveryService:
         self._busy: set[str] = set()
         self._wakeup = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._tasks: asyncio.TaskGroup | None = None
+        self._tasks = BackgroundTasks("delivery", logger=logger)
         self._backlog: dict[str, Any] = {}
         self.loop_errors = 0
         self.instances = 1
@@ -218,9 +223,8 @@ class DeliveryService:
                 timeout=self.config.request_timeout,
                 limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
             )
-        self._tasks = asyncio.TaskGroup()
-        await self._tasks.__aenter__()
-        self._tasks.create_task(self._run())
+        self._tasks.open()
+        self._tasks.start(self._run, name="delivery-loop")
         return self
 
     async def __aexit__(
@@ -231,14 +235,10 @@ class DeliveryService:
     ) -> None:
         self._stopping.set()
         self._wakeup.set()
-        assert self._tasks is not None
         try:
-            async with asyncio.timeout(self.config.close_timeout):
-                await self._tasks.__aexit__(None, None, None)
-        except TimeoutError:
-            logger.warning("delivery.close_timeout: in-flight rows stay leased until expiry")
+            if not await self._tasks.close(grace=self.config.close_timeout):
+                logger.warning("delivery.close_timeout: in-flight rows stay leased until expiry")
         finally:
-            self._tasks = None
             with contextlib.suppress(Exception):  # best effort: the heartbeat also expires
                 await asyncio.wait_for(self.store.leave(), 2.0)
             if self._own_http and self._http is not None:
@@ -275,7 +275,6 @@ class DeliveryService:
     # -- the loop ---------------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        assert self._tasks is not None
         last_sweep = float("-inf")
         failures = 0
         while not self._stopping.is_set():
@@ -288,7 +287,10 @@ class DeliveryService:
             except Exception as exc:  # the worker outlives any failure; rows stay in the outbox
                 self.loop_errors += 1
                 failures += 1
-                logger.warning("delivery.loop_error error=%s", type(exc).__name__)
+                if isinstance(exc, DATABASE_ERRORS):
+                    logger.warning("delivery.loop_error error=%s", type(exc).__name__)
+                else:
+                    log_unexpected(logger, "delivery.loop_error", exc)
                 await self._idle(min(5.0, 0.2 * 2**failures))
                 continue
             if not claimed:
@@ -315,7 +317,6 @@ class DeliveryService:
         self._backlog = await self.store.backlog()
 
     async def _claim(self) -> bool:
-        assert self._tasks is not None
         if len(self._busy) >= self.config.max_enterprises:
             return False
         rows = await self.store.claim(self.config.claim_batch, exclude=sorted(self._busy))
@@ -324,7 +325,7 @@ class DeliveryService:
             by_enterprise.setdefault(row.enterprise_number, []).append(row)
         for number, batch in by_enterprise.items():
             self._busy.add(number)
-            self._tasks.create_task(self._deliver_enterprise(number, batch))
+            self._tasks.start(self._deliver_enterprise, number, batch, name="delivery-enterprise")
         return bool(rows)
 
     async def _deliver_enterprise(self, number: str, rows: list[OutboxRow]) -> None:
@@ -338,9 +339,12 @@ class DeliveryService:
         except Exception as exc:
             # Whatever failed (database, a bug in one row's mapping), the leases lapse and
             # the rows are claimed again: at-least-once, never lost.
-            logger.warning(
-                "delivery.attempt_failed enterprise=%s error=%s", number, type(exc).__name__
-            )
+            if isinstance(exc, DATABASE_ERRORS):
+                logger.warning(
+                    "delivery.attempt_failed enterprise=%s error=%s", number, type(exc).__name__
+                )
+            else:
+                log_unexpected(logger, "delivery.attempt_failed", exc, enterprise=number)
         finally:
             self._busy.discard(number)
             self._wakeup.set()

@@ -1,8 +1,8 @@
 """Intake of ``POST /api/events`` bodies, and the event pipeline component of the service.
 
 ``parse_events(body)`` turns a decoded JSON body (one event, or ``{"events": [...]}``) into
-per-event results: a ``StoredEvent`` or an error message. Validation follows the library's
-``CallEvent`` rules and uses its idempotency-key function (one algorithm for the whole system);
+per-event results: a ``StoredEvent`` or an error message. Validation is the library's
+(``validate_event``, the rules of ``CallEvent`` and its idempotency key: one for the system);
 a bad event, including one PostgreSQL could not store, is rejected alone and never sinks the
 others.
 
@@ -16,10 +16,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -35,7 +33,7 @@ from retailcrm_service.pipeline.delivery import (
     LogSink,
 )
 from retailcrm_service.pipeline.outbox import GroupCommitter, OutboxConfig, StoredEvent, replay
-from vochi_crm_client._event import EVENT_TYPES, MAX_EVENT_BYTES, ORIGINS, idempotency_key
+from vochi_crm_client import MAX_EVENT_BYTES, validate_event
 
 logger = logging.getLogger(__name__)
 
@@ -84,42 +82,34 @@ def _parse_one(index: int, item: Any) -> StoredEvent | Rejected:
         return Rejected(index, _short(str(exc)))
 
 
-# The rules of the library's ``CallEvent`` (tests pin that both accept the same events and derive
-# the same key), without building the client-side object: the intake is the service's hot path
-# and ``CallEvent`` also serialises the event for the wire, which the service never needs.
-_ENTERPRISE_RE = re.compile(r"[0-9A-Za-z_.\-]{1,32}")
-_UNIQUE_ID_RE = re.compile(r"[^\s]{1,128}")
-_POPUP_TYPES = frozenset({"dial", "bridge"})
-
-
 def validated(item: dict[str, Any]) -> StoredEvent:
-    """One contract event as stored; ``ValueError`` says what is wrong with it."""
-    enterprise = item.get("enterprise_number")
-    if not isinstance(enterprise, str) or not _ENTERPRISE_RE.fullmatch(enterprise):
-        raise ValueError(f"enterprise_number is invalid: {enterprise!r}")
-    event_type = item.get("event_type")
-    if not isinstance(event_type, str) or event_type not in EVENT_TYPES:
-        raise ValueError(f"event_type must be one of {sorted(EVENT_TYPES)}, not {event_type!r}")
+    """One contract event as stored; ``ValueError`` says what is wrong with it.
+
+    The event rules and the idempotency key are the library's (``validate_event``, which
+    ``CallEvent`` uses too), without building a ``CallEvent``: that also serialises the event for
+    the wire, which the service, on its hot path, never needs. What is added here is what
+    PostgreSQL could not store.
+    """
     payload = item.get("payload")
     if payload is None:
         payload = {}
-    if not isinstance(payload, dict):
-        raise ValueError("payload must be an object")
-    uid = item.get("call_unique_id") or payload.get("UniqueId", "")
-    if not isinstance(uid, str) or not _UNIQUE_ID_RE.fullmatch(uid):
-        raise ValueError(f"call_unique_id (or payload.UniqueId) is invalid: {uid!r}")
-    origin = _origin(event_type, item.get("origin"))
-    occurred_at = _occurred_at(item.get("occurred_at"))
-    extensions = _extensions(payload) if event_type == "dial" else []
-    _check_storable(uid, "call_unique_id")
-    return StoredEvent(
-        enterprise_number=enterprise,
-        event_type=event_type,
-        call_unique_id=uid,
+    fields = validate_event(
+        enterprise_number=item.get("enterprise_number"),
+        event_type=item.get("event_type"),
+        call_unique_id=item.get("call_unique_id"),
         payload=payload,
-        origin=origin,
-        idempotency_key=idempotency_key(enterprise, uid, event_type, extensions),
-        occurred_at=occurred_at,
+        occurred_at=item.get("occurred_at"),
+        origin=item.get("origin"),
+    )
+    _check_storable(fields.call_unique_id, "call_unique_id")
+    return StoredEvent(
+        enterprise_number=item["enterprise_number"],
+        event_type=item["event_type"],
+        call_unique_id=fields.call_unique_id,
+        payload=payload,
+        origin=fields.origin,
+        idempotency_key=fields.idempotency_key,
+        occurred_at=fields.occurred_at,
         payload_json=_payload_json(payload),
     )
 
@@ -145,45 +135,6 @@ def _check_storable(text: str, name: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise ValueError(f"{name} contains an invalid (surrogate) character") from None
-
-
-def _origin(event_type: str, origin: Any) -> str:
-    if origin is None:
-        return "download" if event_type == "download" else "live"
-    if not isinstance(origin, str) or origin not in ORIGINS:
-        raise ValueError(f"origin must be 'live' or 'download', not {origin!r}")
-    if origin == "download" and event_type in _POPUP_TYPES:
-        raise ValueError("only hangups can be recovered (origin='download')")
-    if origin == "live" and event_type == "download":
-        raise ValueError("a download event cannot have origin='live'")
-    return str(origin)
-
-
-def _occurred_at(value: Any) -> datetime | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise ValueError("occurred_at must be an ISO-8601 string")
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise ValueError(f"occurred_at is not ISO-8601: {value!r}") from None
-    if parsed.tzinfo is None or parsed.utcoffset() is None:
-        raise ValueError("occurred_at must be timezone-aware")
-    return parsed
-
-
-def _extensions(payload: dict[str, Any]) -> list[str]:
-    raw = payload.get("Extensions")
-    if raw is None:
-        return []
-    if isinstance(raw, str | int) and not isinstance(raw, bool):
-        raw = [raw]
-    if not isinstance(raw, list) or any(
-        isinstance(e, bool) or not isinstance(e, str | int) for e in raw
-    ):
-        raise ValueError("payload.Extensions must be a list of strings")
-    return [str(e) for e in raw]
 
 
 def _short(message: str) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -29,20 +30,13 @@ from typing import Any
 import asyncpg
 
 from retailcrm_service.crm.mapping import KIND_HISTORY, KIND_POPUP, kinds_for
-from vochi_crm_client._backoff import BackoffPolicy, delay
+from retailcrm_service.storage.database import DATABASE_ERRORS
+from vochi_crm_client import BackgroundTasks, BackoffPolicy, delay, enabled_sql
 
 logger = logging.getLogger(__name__)
 
 TABLE = "retailcrm_outbox"
 
-# What a database outage looks like from asyncpg (a restart can surface any of these).
-DATABASE_ERRORS: tuple[type[BaseException], ...] = (
-    TimeoutError,
-    OSError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-)
 FINAL_STATES = ("delivered", "expired", "superseded", "dead", "skipped")
 
 
@@ -104,25 +98,23 @@ class OutboxConfig:
 # One JSON document per statement: a single C-level dumps in Python and a single parameter to
 # encode, instead of nine arrays (the intake is CPU-bound on small machines). The answer is one
 # row: how many rows were inserted and, only when that is fewer than sent (duplicates), which.
-_INSERT = """
+# The platform's "enabled" rule, the one the call services' matrix applies (the library's).
+_RETAILCRM_ON = enabled_sql("e.active", "e.integrations_config -> 'retailcrm'")
+
+_INSERT = f"""
 WITH ins AS (
 INSERT INTO retailcrm_outbox (enterprise_number, idempotency_key, kind, has_history, call_unique_id,
                      event_type, origin, payload, occurred_at, state, expires_at, last_error,
                      finished_at)
 SELECT i.en, i.ikey, i.kind, i.hist, i.cuid, i.etype, i.origin, i.payload, i.occ,
-       CASE WHEN e.number IS NULL OR NOT e.active
-                 OR coalesce(e.integrations_config -> 'retailcrm' ->> 'enabled', '') <> 'true'
-                 OR i.kind = 'note'
+       CASE WHEN e.number IS NULL OR NOT {_RETAILCRM_ON} OR i.kind = 'note'
             THEN CASE WHEN i.kind = 'note' AND e.number IS NOT NULL THEN 'delivered'
                       ELSE 'skipped' END
             ELSE 'pending' END,
        CASE WHEN i.kind = 'popup' THEN now() + make_interval(secs => $2) END,
        CASE WHEN e.number IS NULL THEN 'unknown enterprise'
-            WHEN NOT e.active
-                 OR coalesce(e.integrations_config -> 'retailcrm' ->> 'enabled', '') <> 'true'
-            THEN 'retailcrm disabled' END,
-       CASE WHEN i.kind = 'note' OR e.number IS NULL OR NOT e.active
-                 OR coalesce(e.integrations_config -> 'retailcrm' ->> 'enabled', '') <> 'true'
+            WHEN NOT {_RETAILCRM_ON} THEN 'retailcrm disabled' END,
+       CASE WHEN i.kind = 'note' OR e.number IS NULL OR NOT {_RETAILCRM_ON}
             THEN now() END
 FROM ROWS FROM (json_to_recordset($1::json) AS (en text, ikey text, kind text, hist boolean,
                 cuid text, etype text, origin text, payload json, occ timestamptz))
@@ -134,7 +126,7 @@ RETURNING enterprise_number, idempotency_key)
 SELECT n, CASE WHEN n < $3 THEN (SELECT array_agg(enterprise_number) FROM ins) END AS ens,
           CASE WHEN n < $3 THEN (SELECT array_agg(idempotency_key) FROM ins) END AS ikeys
 FROM (SELECT count(*) AS n FROM ins) AS counted
-"""
+"""  # noqa: S608 (built from constants)
 
 
 # The C string encoder json.dumps uses, without its per-call overhead (hot path).
@@ -197,17 +189,16 @@ class GroupCommitter:
         self._queued_events = 0
         self._last_batch = 0
         self._wakeup = asyncio.Event()
-        self._tasks: asyncio.TaskGroup | None = None
+        self._tasks = BackgroundTasks("outbox-committer", logger=logger)
         self._closing = False
         self.transactions = 0
         self.committed_events = 0
         self.failed_transactions = 0
 
     async def __aenter__(self) -> GroupCommitter:
-        self._tasks = asyncio.TaskGroup()
-        await self._tasks.__aenter__()
-        for _ in range(self._config.commit_concurrency):
-            self._tasks.create_task(self._worker())
+        self._tasks.open()
+        for i in range(self._config.commit_concurrency):
+            self._tasks.start(self._worker, name=f"outbox-committer-{i}")
         return self
 
     async def __aexit__(
@@ -218,9 +209,8 @@ class GroupCommitter:
     ) -> None:
         self._closing = True
         self._wakeup.set()
-        assert self._tasks is not None
-        await self._tasks.__aexit__(exc_type, exc, tb)
-        self._tasks = None
+        # The workers commit what is queued, then exit; leaving on an error cancels them.
+        await self._tasks.close(grace=math.inf if exc_type is None else 0.0)
 
     def submit(self, events: Sequence[StoredEvent]) -> Awaitable[list[bool]]:
         """Queue ``events`` for the next commit; the awaitable gives, per event, True when new
@@ -235,7 +225,7 @@ class GroupCommitter:
         if not events:
             done.set_result([])
             return done
-        if self._tasks is None or self._closing:
+        if not self._tasks.is_open or self._closing:
             raise OutboxClosed("the outbox is not accepting events")
         rows = [encode_row(ev) for ev in events]
         keys = [(ev.enterprise_number, ev.idempotency_key) for ev in events]

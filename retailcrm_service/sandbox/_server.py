@@ -1,9 +1,10 @@
-"""Running the sandbox: under uvicorn in a thread or a task group, and as a CLI process."""
+"""Running the sandbox: under uvicorn in a thread or a background task, and as a CLI process."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import secrets
 import socket
 import threading
@@ -20,6 +21,7 @@ from starlette.applications import Starlette
 from retailcrm_service.sandbox._config import SCOPES, SandboxConfig
 from retailcrm_service.sandbox._core import Sandbox
 from retailcrm_service.sandbox._http import create_sandbox_app
+from vochi_crm_client import BackgroundTasks
 
 logger = logging.getLogger(__name__)
 _START_DEADLINE = 10.0
@@ -139,17 +141,19 @@ class AsyncSandboxServer(_Runner):
     """``async with AsyncSandboxServer() as crm:`` — the same, served by this event loop."""
 
     async def __aenter__(self) -> AsyncSandboxServer:
-        self._group = anyio.create_task_group()
-        await self._group.__aenter__()
-        self._group.start_soon(self._server.serve, [self._sock])
+        self._tasks = BackgroundTasks("sandbox-server", logger=logger)
+        self._tasks.open()
+        self._tasks.start(self._server.serve, [self._sock], name="sandbox-server")
         try:
             with anyio.fail_after(_START_DEADLINE):
                 # uvicorn offers no "started" event to wait on, only this flag.
-                while not self._server.started:  # noqa: ASYNC110
+                while not self._server.started:
+                    if not self._tasks.running:  # it failed (and the owner logged why)
+                        raise RuntimeError("the sandbox server did not start")
                     await anyio.sleep(0.005)
-        except BaseException as exc:
+        except BaseException:
             self._server.should_exit = True
-            await self._group.__aexit__(type(exc), exc, exc.__traceback__)
+            await self._tasks.close()
             self._sock.close()
             raise
         self.control = AsyncSandboxControl(self.url)
@@ -165,7 +169,8 @@ class AsyncSandboxServer(_Runner):
             await self.control.aclose()
             self._server.should_exit = True
         finally:
-            await self._group.__aexit__(exc_type, exc, tb)
+            # A clean exit lets uvicorn finish its shutdown; leaving on an error cancels it.
+            await self._tasks.close(grace=math.inf if exc_type is None else 0.0)
             self._sock.close()
 
 

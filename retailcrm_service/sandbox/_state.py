@@ -11,16 +11,18 @@ from typing import Any
 
 from retailcrm_service.sandbox._config import SCOPES
 from retailcrm_service.sandbox._errors import ControlError
+from vochi_crm_client import mask_token
 
 USER_STATUSES = ("free", "busy", "dinner", "break")
 _MANAGER_GROUP = {"id": 1, "name": "Менеджеры", "code": "manager"}
 
 
 def mask(secret: str | None) -> str | None:
-    """``***`` plus at most the last 4 characters (none for short secrets)."""
+    """``***`` plus at most the last 4 characters (none for short secrets): the system's one
+    masking rule (``vochi_crm_client.mask_token``); None stays None."""
     if secret is None:
         return None
-    return "***" + (secret[-4:] if len(secret) >= 12 else "")
+    return mask_token(secret)
 
 
 _URL_TOKEN = re.compile(r"([?&](?:token|apiKey)=)([^&#]*)", re.IGNORECASE)

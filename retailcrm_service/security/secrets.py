@@ -1,14 +1,17 @@
 """Secrets as values: ``Secret`` masks itself in ``repr``/``str``; ``mask`` is the one masking rule.
 
-Every place that shows part of a secret (settings, journal rows, admin pages, logs) uses ``mask``:
-``***`` plus the last 4 characters, and only when the value is long enough (16+) that 4 characters
-reveal little; shorter values are ``***`` alone.
+Every place that shows part of a secret (settings, journal rows, admin pages, logs) uses ``mask``,
+which is the library's ``mask_token`` (one rule for the whole system): ``***`` plus the last 4
+characters, and only when the value is long enough (16+) that 4 characters reveal little; shorter
+values are ``***`` alone.
 """
 
 from __future__ import annotations
 
 import secrets
 from typing import Any
+
+from vochi_crm_client import mask_token
 
 
 class Secret:
@@ -51,6 +54,4 @@ class Secret:
 
 def mask(value: str) -> str:
     """``***`` plus the last 4 chars, only when the value is long enough to stay mostly hidden."""
-    if len(value) >= 16:
-        return "***" + value[-4:]
-    return "***"
+    return mask_token(value)

@@ -21,9 +21,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import asyncpg
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from retailcrm_service.crm.mapping import DEFAULT_TIMEZONE
 from retailcrm_service.security.key_crypto import encrypt_api_key
 from retailcrm_service.security.secrets import Secret
-from retailcrm_service.storage.enterprise_configs import DEFAULT_TIMEZONE
 
 # RetailCRM / Simla account hosts: <account>.retailcrm.<tld> or <account>.simla.<tld>.
 _ACCOUNT_HOST = re.compile(

@@ -23,6 +23,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# What a database outage looks like from asyncpg (a restart can surface any of these).
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (
+    TimeoutError,
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+
 # Any constant works; two `migrate` runs at once serialise on it.
 MIGRATION_LOCK_ID = 0x56_6F_63_68_69_01  # "Vochi" + 1
 

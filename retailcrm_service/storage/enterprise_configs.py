@@ -35,13 +35,13 @@ from typing import Any
 
 import asyncpg
 
+from retailcrm_service.crm.mapping import DEFAULT_TIMEZONE
 from retailcrm_service.security.key_crypto import DecryptionError, decrypt_api_key
 from retailcrm_service.security.secrets import Secret
-from vochi_crm_client import CacheSettings, RefreshingCache
+from vochi_crm_client import CacheSettings, RefreshingCache, enabled_sql
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TIMEZONE = "Europe/Minsk"
 INTEGRATION = "retailcrm"
 
 
@@ -86,7 +86,8 @@ def _as_dict(value: Any) -> dict[str, Any]:
 
 
 def config_from_row(row: Mapping[str, Any], *, secret_key: Secret | None) -> RetailCrmConfig:
-    """Build the config from ``enterprises`` columns ``number, active, ip, integrations_config``."""
+    """Build the config from ``enterprises`` columns ``number, active, ip, integrations_config``
+    and ``enabled`` (the platform's rule, computed by ``_SELECT``)."""
     number = str(row["number"])
     doc = _as_dict(row["integrations_config"])
     raw = _as_dict(doc.get(INTEGRATION))
@@ -106,7 +107,7 @@ def config_from_row(row: Mapping[str, Any], *, secret_key: Secret | None) -> Ret
     return RetailCrmConfig(
         enterprise_number=number,
         active=bool(row["active"]),
-        enabled=raw.get("enabled") is True,
+        enabled=bool(row["enabled"]),
         domain=str(raw.get("domain") or "").rstrip("/"),
         api_key=api_key,
         api_key_error=api_key_error,
@@ -130,7 +131,9 @@ def config_from_row(row: Mapping[str, Any], *, secret_key: Secret | None) -> Ret
     )
 
 
-_SELECT = "SELECT number, active, ip, integrations_config FROM enterprises"
+# "enabled" is the platform's rule, the one the call services' matrix and the outbox apply.
+_ENABLED = enabled_sql("active", "integrations_config -> 'retailcrm'")
+_SELECT = f"SELECT number, active, ip, integrations_config, {_ENABLED} AS enabled FROM enterprises"  # noqa: S608 (constants)
 
 
 async def load_config(

@@ -35,6 +35,8 @@ from typing import Any
 import asyncpg
 
 from retailcrm_service.security.secrets import Secret, mask
+from retailcrm_service.storage.database import DATABASE_ERRORS
+from vochi_crm_client import BackgroundTasks, log_unexpected
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +184,7 @@ class IntegrationLogWriter:
         self._sleep = sleep
         self._clock = clock
         self._queue: asyncio.Queue[LogRow] = asyncio.Queue(maxsize=max_queue)
-        self._tasks: asyncio.TaskGroup | None = None
+        self._tasks = BackgroundTasks("integration-log", logger=logger)
         self._stopping = asyncio.Event()
         self._written = 0
         self._stored = 0
@@ -190,7 +192,6 @@ class IntegrationLogWriter:
         self._failed_batches = 0
         self._purged = 0
         self._lost_rows = 0
-        self._owned: list[asyncio.Task[None]] = []
         self._stored_cond = asyncio.Condition()
 
     # -- producer side ------------------------------------------------------------------------
@@ -254,15 +255,10 @@ class IntegrationLogWriter:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def __aenter__(self) -> IntegrationLogWriter:
-        self._tasks = asyncio.TaskGroup()
-        await self._tasks.__aenter__()
-        self._owned.append(
-            self._tasks.create_task(self._drain_loop(), name="integration-log-writer")
-        )
+        self._tasks.open()
+        self._tasks.start(self._drain_loop, name="integration-log-writer")
         if self._purge is not None and self._retention_days > 0:
-            self._owned.append(
-                self._tasks.create_task(self._purge_loop(), name="integration-log-retention")
-            )
+            self._tasks.start(self._purge_loop, name="integration-log-retention")
         return self
 
     async def __aexit__(
@@ -272,17 +268,11 @@ class IntegrationLogWriter:
         tb: TracebackType | None,
     ) -> None:
         self._stopping.set()
-        assert self._tasks is not None
-        tasks = self._tasks
-        self._tasks = None
         # Flush what is queued within the deadline; then cancel whatever still runs.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._close_timeout):
                 await self.flush()
-        for task in self._owned:
-            task.cancel()
-        self._owned.clear()
-        await tasks.__aexit__(None, None, None)
+        await self._tasks.close()
 
     async def _drain_loop(self) -> None:
         while True:
@@ -297,12 +287,15 @@ class IntegrationLogWriter:
             try:
                 await self._sink(batch)
             except Exception as exc:  # the journal must outlive any failure of its sink
-                logger.warning(
-                    "integration_log.insert_failed rows=%d attempt=%d error=%s",
-                    len(batch),
-                    attempt + 1,
-                    type(exc).__name__,
-                )
+                if isinstance(exc, DATABASE_ERRORS):
+                    logger.warning(
+                        "integration_log.insert_failed rows=%d attempt=%d error=%s",
+                        len(batch),
+                        attempt + 1,
+                        type(exc).__name__,
+                    )
+                else:
+                    log_unexpected(logger, "integration_log.insert_failed", exc, rows=len(batch))
                 self._failed_batches += 1
                 if self._stopping.is_set():
                     break
@@ -324,7 +317,10 @@ class IntegrationLogWriter:
             try:
                 self._purged += await self._purge(self._retention_days)
             except Exception as exc:  # retried at the next interval
-                logger.warning("integration_log.purge_failed error=%s", type(exc).__name__)
+                if isinstance(exc, DATABASE_ERRORS):
+                    logger.warning("integration_log.purge_failed error=%s", type(exc).__name__)
+                else:
+                    log_unexpected(logger, "integration_log.purge_failed", exc)
             await self._sleep(self._purge_interval)
 
 

@@ -35,6 +35,8 @@ from typing import Any
 
 import asyncssh
 
+from vochi_crm_client import BackgroundTasks
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -340,9 +342,8 @@ class AsteriskControl:
         self._sleep = sleep
         self._connector = connector
         self._slots: dict[str, _HostSlot] = {}
-        self._jobs: set[asyncio.Task[None]] = set()
-        self._group: asyncio.TaskGroup | None = None
-        self._reaper: asyncio.Task[None] | None = None
+        self._jobs = BackgroundTasks("asterisk-jobs", logger=logger)
+        self._reaper = BackgroundTasks("asterisk-reaper", logger=logger)
         self._accepting = False
         self.counters: dict[str, int] = {
             "connects": 0,
@@ -355,26 +356,18 @@ class AsteriskControl:
     # ------------------------------------------------------------------ lifecycle
 
     async def __aenter__(self) -> AsteriskControl:
-        self._group = asyncio.TaskGroup()
-        await self._group.__aenter__()
-        self._reaper = self._group.create_task(self._reap_idle(), name="asterisk-idle-reaper")
+        self._jobs.open()
+        self._reaper.open()
+        self._reaper.start(self._reap_idle, name="asterisk-idle-reaper")
         self._accepting = True
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._accepting = False
-        group, self._group = self._group, None
         try:
-            if self._jobs:
-                _done, pending = await asyncio.wait(
-                    set(self._jobs), timeout=self.settings.drain_timeout
-                )
-                for task in pending:
-                    task.cancel()
-            if self._reaper is not None:
-                self._reaper.cancel()
-            if group is not None:
-                await group.__aexit__(None, None, None)
+            # Jobs get drain_timeout to finish (a redirect mid-flight is worth completing).
+            await self._jobs.close(grace=self.settings.drain_timeout)
+            await self._reaper.close()
         finally:
             await self._close_all()
 
@@ -446,31 +439,21 @@ class AsteriskControl:
         """Run ``job`` in the background, owned by this object; False when refused.
 
         Refused when closed or when ``max_background`` jobs are already running. The job must
-        handle and record its own errors; anything it lets escape is logged here.
+        handle and record its own errors; anything it lets escape is logged (with its stack
+        trace) by the owner of the jobs.
         """
-        if not self._accepting or self._group is None:
+        if not self._accepting or not self._jobs.is_open:
             job.close()
             self.counters["jobs_rejected"] += 1
             return False
-        if len(self._jobs) >= self.settings.max_background:
+        if self._jobs.running >= self.settings.max_background:
             job.close()
             self.counters["jobs_rejected"] += 1
             logger.warning("asterisk.job_rejected name=%s reason=too_many", name)
             return False
-        task = self._group.create_task(self._guard(job, name), name=name)
-        self._jobs.add(task)
-        task.add_done_callback(self._jobs.discard)
+        self._jobs.start(_awaited, job, name=name)
         self.counters["jobs_started"] += 1
         return True
-
-    @staticmethod
-    async def _guard(job: Coroutine[Any, Any, None], name: str) -> None:
-        try:
-            await job
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            logger.exception("asterisk.job_failed name=%s", name)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -478,7 +461,7 @@ class AsteriskControl:
             "open_connections": sum(
                 1 for s in self._slots.values() if s.conn is not None and not s.conn.is_closed()
             ),
-            "background_jobs": len(self._jobs),
+            "background_jobs": self._jobs.running,
         }
 
     # ------------------------------------------------------------------ connections
@@ -606,3 +589,7 @@ def _text(value: object) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return str(value)
+
+
+async def _awaited(job: Coroutine[Any, Any, None]) -> None:
+    await job

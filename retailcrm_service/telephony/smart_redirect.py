@@ -34,7 +34,13 @@ import asyncpg
 
 from retailcrm_service.crm.pacing import Pacer
 from retailcrm_service.telephony.asterisk_ssh import InvalidArgument, validate_context
-from vochi_crm_client import NOT_LOADED, CacheSettings, RefreshingCache
+from vochi_crm_client import (
+    NOT_LOADED,
+    CacheSettings,
+    RefreshingCache,
+    enterprise_for_token,
+    mask_token,
+)
 
 if TYPE_CHECKING:
     from retailcrm_service.storage.enterprise_configs import RetailCrmConfig
@@ -358,20 +364,13 @@ class EnterpriseTokens(_Cached):
             load_one=self._load,
             settings=settings,
             name="dialplan_tokens",
-            describe_key=lambda token: "***" + token[-4:] if len(token) >= 16 else "***",
+            describe_key=mask_token,
             clock=clock,
             sleep=sleep,
         )
 
     async def _load(self, token: str) -> str | None:
-        number = await self._pool.fetchval(
-            """SELECT number FROM enterprises
-               WHERE name2 = $1 OR secret = $1 OR number = $1
-               ORDER BY COALESCE(name2 = $1, false) DESC, COALESCE(secret = $1, false) DESC
-               LIMIT 1""",
-            token,
-        )
-        return str(number) if number is not None else None
+        return await enterprise_for_token(self._pool, token)
 
     async def resolve(self, token: str) -> str | None:
         token = token.strip()

@@ -20,9 +20,7 @@ from adapters.call_service import CallServiceSettings, create_app
 from tests.integration._servers import RecordingReceiver
 from tests.support.pg import create_enterprise
 from tests.support.procs import ThreadedServer
-from vochi_crm_client._client import CrmClient
-from vochi_crm_client._config import BreakerConfig
-from vochi_crm_client._event import CallEvent
+from vochi_crm_client import BreakerConfig, CallEvent, CrmClient, DispatchConfig
 
 TOKEN = "375291110001"
 
@@ -102,7 +100,7 @@ def stack(database_url: str, request: pytest.FixtureRequest) -> Iterator[Stack]:
 
 
 OUTAGE_OPTIONS = {
-    "popup_ttl": 5.0,
+    "dispatch": DispatchConfig(popup_ttl=5.0),
     "breaker": BreakerConfig(consecutive_failures=3, open_base=0.5, open_max=2.0),
 }
 
