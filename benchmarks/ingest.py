@@ -25,6 +25,7 @@ from typing import Any
 
 import httpx
 
+from retailcrm_service.settings import database_url_from
 from retailcrm_service.storage.database import scratch_database
 
 BATCH = 100
@@ -162,7 +163,7 @@ def _wait(url: str, proc: subprocess.Popen[bytes]) -> None:
 
 
 async def _measure(seconds: float, concurrency: int) -> tuple[dict[str, float], dict[str, float]]:
-    async with scratch_database("bench_ingest") as dsn:
+    async with scratch_database("bench_ingest", server=database_url_from()) as dsn:
         await _prepare(dsn)
         nodb = await asyncio.to_thread(run_mode, "nodb", dsn, seconds, concurrency, 0)
         durable = await asyncio.to_thread(

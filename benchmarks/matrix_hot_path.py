@@ -24,6 +24,7 @@ from typing import Any
 
 import asyncpg
 
+from retailcrm_service.settings import database_url_from
 from retailcrm_service.storage.database import scratch_database
 from vochi_crm_client import EnablementMatrix
 
@@ -92,7 +93,7 @@ async def _run(dsn: str, quick: bool) -> dict[str, Any]:
 
 
 async def _with_database(quick: bool) -> dict[str, Any]:
-    async with scratch_database("bench_matrix") as dsn:
+    async with scratch_database("bench_matrix", server=database_url_from()) as dsn:
         return await _run(dsn, quick)
 
 

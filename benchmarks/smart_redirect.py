@@ -41,7 +41,7 @@ import uvicorn
 from retailcrm_service.app import create_app
 from retailcrm_service.sandbox import AsyncSandboxServer
 from retailcrm_service.security.secrets import Secret
-from retailcrm_service.settings import Settings
+from retailcrm_service.settings import Settings, database_url_from
 from retailcrm_service.storage.database import scratch_database
 
 ENTERPRISE = "0367"
@@ -128,7 +128,7 @@ async def run(n: int) -> dict[str, float | int | str]:
         "customers": customers,
     }
     async with (
-        scratch_database() as dsn,
+        scratch_database(server=database_url_from()) as dsn,
         AsyncSandboxServer(accounts=[account], rate_limit=False) as crm,
     ):
         await seed(dsn, crm, key)

@@ -129,12 +129,13 @@ def embedded_database_url(data_dir: str | os.PathLike[str]) -> str:
 
 
 @contextlib.asynccontextmanager
-async def scratch_database(prefix: str = "vochi_scratch") -> AsyncIterator[str]:
-    """A throwaway migrated database (benchmarks, tools): on ``DATABASE_URL``'s server when set,
-    otherwise on a temporary embedded server that is stopped and deleted afterwards."""
-    from retailcrm_service.settings import database_url_from
-
-    admin = database_url_from() or ""
+async def scratch_database(
+    prefix: str = "vochi_scratch", *, server: str | None
+) -> AsyncIterator[str]:
+    """A throwaway migrated database (benchmarks, tools): on the ``server`` DSN when given
+    (``settings.database_url_from()``: ``DATABASE_URL``), otherwise on a temporary embedded
+    server that is stopped and deleted afterwards."""
+    admin = server or ""
     server = None
     if not admin:
         with warnings.catch_warnings():
