@@ -51,13 +51,8 @@ from retailcrm_service.crm.mapping import (
     valid_timezone,
 )
 from retailcrm_service.crm.pacing import Pacer, PacingConfig
-from retailcrm_service.pipeline.outbox import (
-    DATABASE_ERRORS,
-    OutboxConfig,
-    OutboxRow,
-    OutboxStore,
-    Outcome,
-)
+from retailcrm_service.pipeline.outbox import OutboxConfig, OutboxRow, OutboxStore, Outcome
+from retailcrm_service.storage.database import DATABASE_ERRORS
 from vochi_crm_client import BackgroundTasks, Breaker, BreakerConfig, log_unexpected
 
 logger = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ import asyncpg
 
 from retailcrm_service.crm.mapping import KIND_HISTORY, KIND_POPUP, kinds_for
 from retailcrm_service.storage.database import DATABASE_ERRORS
-from vochi_crm_client import BackgroundTasks, BackoffPolicy, delay, enabled_sql
+from vochi_crm_client import BackgroundTasks, BackoffPolicy, delay, enabled_sql, log_unexpected
 
 logger = logging.getLogger(__name__)
 
@@ -317,12 +317,11 @@ class GroupCommitter:
 
     def _fail(self, batch: list[_Pending], exc: BaseException) -> None:
         self.failed_transactions += 1
-        logger.log(
-            logging.WARNING if isinstance(exc, (*DATABASE_ERRORS, OutboxClosed)) else logging.ERROR,
-            "outbox.commit_failed events=%d error=%s",
-            sum(len(item.rows) for item in batch),
-            type(exc).__name__,
-        )
+        events = sum(len(item.rows) for item in batch)
+        if isinstance(exc, (*DATABASE_ERRORS, OutboxClosed)):
+            logger.warning("outbox.commit_failed events=%d error=%s", events, type(exc).__name__)
+        else:  # a bug: keep its stack trace
+            log_unexpected(logger, "outbox.commit_failed", exc, events=events)
         error = OutboxUnavailable("the database did not commit the events")
         error.__cause__ = exc
         for item in batch:

@@ -136,14 +136,14 @@ async def scratch_database(
     (``settings.database_url_from()``: ``DATABASE_URL``), otherwise on a temporary embedded
     server that is stopped and deleted afterwards."""
     admin = server or ""
-    server = None
+    embedded = None
     if not admin:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import pgserver
         pgdata = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))  # deleted with the server
-        server = pgserver.get_server(pgdata, cleanup_mode="delete")
-        admin = str(server.get_uri())
+        embedded = pgserver.get_server(pgdata, cleanup_mode="delete")
+        admin = str(embedded.get_uri())
     name = f"{prefix}_{secrets.token_hex(4)}"
     conn = await asyncpg.connect(admin)
     try:
@@ -154,8 +154,8 @@ async def scratch_database(
     finally:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await conn.close()
-        if server is not None:
-            server.cleanup()
+        if embedded is not None:
+            embedded.cleanup()
 
 
 def database_url(url: str | None, data_dir: str | os.PathLike[str]) -> str:
