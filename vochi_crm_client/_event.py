@@ -125,7 +125,8 @@ def validate_event(
     occurred_at: Any = None,
     origin: Any = None,
 ) -> EventFields:
-    """Check one event's fields (ARCHITECTURE.md §4); ``ValueError`` says what is wrong.
+    """Check one event's fields (the service contract, README.md's routes); ``ValueError`` says
+    what is wrong.
 
     ``call_unique_id`` defaults to ``payload["UniqueId"]``; ``origin`` to ``"download"`` for
     ``event_type="download"`` and ``"live"`` otherwise; ``occurred_at`` is a timezone-aware
