@@ -21,13 +21,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from retailcrm_service.api import config as config_routes
+from retailcrm_service.api.config import check_number, config_body, test_body
 from retailcrm_service.api.http import read_form
-from retailcrm_service.crm import integration_module as module
+from retailcrm_service.crm.connections import public_view
 from retailcrm_service.errors import ApiError
 from retailcrm_service.runtime import Runtime, RuntimeDep
 from retailcrm_service.security import admin_auth as auth
-from retailcrm_service.storage import config_writes as config_store
 
 logger = logging.getLogger(__name__)
 
@@ -114,30 +113,38 @@ async def me(claims: auth.SessionDep) -> dict[str, Any]:
 
 @router.get("/retailcrm-admin/api/config/{enterprise_number}")
 async def admin_get_config(
-    enterprise_number: str, runtime: RuntimeDep, claims: auth.AdminDep
+    enterprise_number: str, runtime: RuntimeDep, _: auth.AdminDep
 ) -> dict[str, Any]:
-    return await config_routes.get_config(enterprise_number, runtime, claims)
+    check_number(enterprise_number)
+    return public_view(await runtime.connections.get(enterprise_number))
 
 
 @router.put("/retailcrm-admin/api/config/{enterprise_number}")
 async def admin_put_config(
-    enterprise_number: str, request: Request, runtime: RuntimeDep, claims: auth.AdminDep
+    enterprise_number: str, request: Request, runtime: RuntimeDep, _: auth.AdminDep
 ) -> dict[str, Any]:
-    return await config_routes.put_config(enterprise_number, request, runtime, claims)
+    check_number(enterprise_number)
+    body = await config_body(request, runtime)
+    return public_view(await runtime.connections.save(enterprise_number, body))
 
 
 @router.post("/retailcrm-admin/api/config/{enterprise_number}/test")
 async def admin_test_config(
-    enterprise_number: str, request: Request, runtime: RuntimeDep, claims: auth.AdminDep
+    enterprise_number: str, request: Request, runtime: RuntimeDep, _: auth.AdminDep
 ) -> dict[str, Any]:
-    return await config_routes.check_config_access(enterprise_number, request, runtime, claims)
+    check_number(enterprise_number)
+    body = await test_body(request, runtime)
+    return await runtime.connections.test(
+        enterprise_number, domain=body.domain, api_key=body.api_key
+    )
 
 
 @router.delete("/retailcrm-admin/api/config/{enterprise_number}")
 async def admin_delete_config(
-    enterprise_number: str, runtime: RuntimeDep, claims: auth.AdminDep
+    enterprise_number: str, runtime: RuntimeDep, _: auth.AdminDep
 ) -> dict[str, Any]:
-    return await config_routes.delete_config(enterprise_number, runtime, claims)
+    check_number(enterprise_number)
+    return await runtime.connections.delete(enterprise_number)
 
 
 @router.post("/retailcrm-admin/api/register/{enterprise_number}")
@@ -147,18 +154,8 @@ async def register(
     _: auth.InternalOrAdminDep,
 ) -> Response:
     """Register (or update) the enterprise's telephony module in RetailCRM."""
-    config_routes.check_number(enterprise_number)
-    config = await config_routes.fresh_config(runtime, enterprise_number)
-    if not config_routes.can_send_module(config):
-        raise ApiError(
-            409,
-            "not_configured",
-            config.api_key_error or "save a domain and API key before registering",
-        )
-    ok, result = await config_routes.send_module(
-        runtime, config, active=True, event="register_module"
-    )
-    runtime.metrics.retailcrm_calls.labels("integration_module_edit", "ok" if ok else "error").inc()
+    check_number(enterprise_number)
+    ok, result = await runtime.connections.register(enterprise_number)
     if not ok:
         return JSONResponse(
             {
@@ -170,14 +167,6 @@ async def register(
             },
             status_code=502,
         )
-    async with runtime.pool.acquire() as conn:
-        await config_store.set_module_state(
-            conn,
-            enterprise_number,
-            module.module_state(active=True, ok=True, code=runtime.settings.module_code),
-        )
-    await config_routes.refresh_cache(runtime, enterprise_number)
-    logger.info("admin.module_registered enterprise=%s", enterprise_number)
     return JSONResponse(
         {
             "enterprise_number": enterprise_number,
