@@ -60,6 +60,7 @@ def public_view(config: RetailCrmConfig) -> dict[str, Any]:
         "external_phones": [dict(p) for p in config.external_phones],
         "smart_redirect": dict(config.smart_redirect),
         "module": dict(config.module),
+        "events": dict(config.events),
         "last_sync": config.last_sync,
         "is_on": config.is_on,
     }
@@ -261,13 +262,14 @@ class Connections:
                 f"not an internal number of enterprise {number}: {', '.join(unknown)}",
                 fields={"user_extensions": "only the enterprise's internal numbers"},
             )
+        assigned: dict[str, str | None] = {uid: ext for uid, ext in extensions.items() if ext}
         async with self._pool.acquire() as conn:
-            if not await config_store.set_user_extensions(conn, number, extensions):
+            if not await config_store.set_user_extensions(conn, number, assigned):
                 raise ApiError(409, "not_configured", "save the connection first")
         logger.info(
             "connections.extensions_saved enterprise=%s assigned=%d",
             number,
-            sum(1 for e in extensions.values() if e),
+            len(assigned),
         )
         await self.refresh_cache(number)
         config = await self.get(number)
@@ -286,6 +288,54 @@ class Connections:
             "pushed": pushed,
             "retailcrm_error": retailcrm_error,
         }
+
+    async def managers(self, number: str) -> dict[str, Any]:
+        """RetailCRM's users, the enterprise's internal numbers with their platform owners, the
+        local mapping, RetailCRM's ``additionalCodes`` and where the two differ."""
+        config = await self.get(number)
+        client = self.client(config)
+        users: list[dict[str, Any]] = []
+        users_error: dict[str, Any] | None = None
+        try:
+            users = [_user_view(u) for u in await _all_users(client)]
+        except RetailCrmError as exc:
+            users_error = module.describe_error(exc)
+        remote = await self.remote_codes(config)
+        local = config.extension_by_user
+        remote_codes: dict[str, str] = remote.get("codes", {}) if remote["ok"] else {}
+        differences = [
+            {"user_id": uid, "local": local.get(uid), "remote": remote_codes.get(uid)}
+            for uid in sorted(set(local) | set(remote_codes), key=int)
+            if local.get(uid) != remote_codes.get(uid)
+        ]
+        return {
+            "enterprise_number": number,
+            "users": users,
+            "users_error": users_error,
+            "numbers": await self.numbers_with_owners(number),
+            "user_extensions": local,
+            "remote": remote,
+            "differences": differences if remote["ok"] else [],
+            "import_offered": not local and bool(remote_codes),
+        }
+
+    async def numbers_with_owners(self, number: str) -> list[dict[str, str]]:
+        """The enterprise's internal numbers, each with its owner on the platform («150 — …»)."""
+        rows = await self._pool.fetch(
+            """SELECT p.phone_number,
+                      min(concat_ws(' ', nullif(u.last_name, ''), nullif(u.first_name, ''),
+                                    nullif(u.patronymic, ''))) AS owner
+               FROM user_internal_phones p LEFT JOIN users u ON u.id = p.user_id
+               WHERE p.enterprise_number = $1
+               GROUP BY p.phone_number ORDER BY p.phone_number""",
+            number,
+        )
+        out = []
+        for r in rows:
+            owner = (r["owner"] or "").strip()
+            label = f"{r['phone_number']} — {owner}" if owner else str(r["phone_number"])
+            out.append({"number": str(r["phone_number"]), "owner": owner, "label": label})
+        return out
 
     async def internal_numbers(self, number: str) -> list[str]:
         rows = await self._pool.fetch(
@@ -336,3 +386,28 @@ class Connections:
                 module.module_state(active=active, ok=ok, code=self._settings.module_code),
             )
         await self.refresh_cache(number)
+
+
+async def _all_users(client: RetailCrmClient, *, max_pages: int = 20) -> list[dict[str, Any]]:
+    """Every RetailCRM user of the account (100 a page, at most ``max_pages`` pages)."""
+    users: list[dict[str, Any]] = []
+    for page in range(1, max_pages + 1):
+        body = await client.users(limit=100, page=page)
+        users.extend(u for u in body.get("users") or [] if isinstance(u, dict))
+        pagination = body.get("pagination") or {}
+        if page >= int(pagination.get("totalPageCount") or 1):
+            break
+    return users
+
+
+def _user_view(user: dict[str, Any]) -> dict[str, Any]:
+    name = " ".join(
+        str(user.get(k) or "").strip() for k in ("lastName", "firstName", "patronymic")
+    ).strip()
+    return {
+        "id": str(user.get("id")),
+        "name": name or f"#{user.get('id')}",
+        "email": user.get("email") or "",
+        "status": user.get("status") or "",
+        "active": user.get("active", True) is not False,
+    }

@@ -164,6 +164,16 @@ def _check_zone(value: str) -> str:
     return value
 
 
+class EventOptions(BaseModel):
+    """What the enterprise sends to RetailCRM (the module's event flags)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    incoming_popups: bool = True
+    outgoing_popups: bool = True
+    call_history: bool = True
+
+
 class ConfigIn(BaseModel):
     """Body of ``PUT /api/config/{n}``; ``api_key`` may be omitted to keep the stored one."""
 
@@ -178,6 +188,7 @@ class ConfigIn(BaseModel):
     internal_calls: bool = False
     external_phones: list[ExternalPhone] = Field(default_factory=list)
     smart_redirect: dict[str, Any] | None = None
+    events: EventOptions | None = None
 
     @field_validator("domain")
     @classmethod
@@ -232,6 +243,8 @@ async def save_config(
     }
     if body.smart_redirect is not None:
         patch["smart_redirect"] = body.smart_redirect
+    if body.events is not None:
+        patch["events"] = body.events.model_dump()
     if body.api_key is not None:
         patch["api_key"] = encrypt_api_key(
             body.api_key, enterprise_number=number, secret_key=secret_key

@@ -249,6 +249,10 @@ async def test_the_admin_session_cookie_drives_the_whole_config_api(svc: Running
         login = await http.get(_path(link), headers=REMOTE)
         cookie = {**REMOTE, "Cookie": login.headers["set-cookie"].split(";", 1)[0]}
         me = await http.get("/retailcrm-admin/api/me", headers=cookie)
+        no_csrf = await http.put(
+            "/retailcrm-admin/api/config/0367", json={**BODY, "enabled": False}, headers=cookie
+        )
+        cookie = {**cookie, "X-CSRF-Token": me.json()["csrf_token"]}
         saved = await http.put(
             "/retailcrm-admin/api/config/0367", json={**BODY, "enabled": False}, headers=cookie
         )
@@ -263,6 +267,8 @@ async def test_the_admin_session_cookie_drives_the_whole_config_api(svc: Running
         deleted = await http.delete("/retailcrm-admin/api/config/0367", headers=cookie)
         after = await http.get("/retailcrm-admin/api/me", headers=cookie)
     assert me.json()["enterprise_number"] == "0367"
+    assert no_csrf.status_code == 403
+    assert no_csrf.json()["error"]["code"] == "csrf"
     assert saved.status_code == 200
     assert saved.json()["enabled"] is False
     assert invalid.status_code == 422
