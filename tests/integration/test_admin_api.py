@@ -204,3 +204,33 @@ async def test_replay_takes_exactly_one_selection_and_diagnostics_show_no_secret
     assert diagnostics.json()["last_test"] is None
     assert KEY not in body
     assert client_id not in body
+
+
+async def test_retailcrm_codes_are_offered_for_import_and_differences_are_listed(
+    svc: RunningService, db: asyncpg.Connection, crm: AsyncSandboxServer
+) -> None:
+    headers = _bearer(svc)
+    async with httpx.AsyncClient(base_url=svc.url, timeout=10) as http:
+        await http.put(
+            "/retailcrm-admin/api/managers/0367",
+            json={"user_extensions": {"19": "150"}},
+            headers=headers,
+        )
+        # The local mapping is lost (a first visit after RetailCRM was set up elsewhere).
+        await db.execute(
+            """UPDATE enterprises SET integrations_config = jsonb_set(integrations_config,
+                   '{retailcrm,user_extensions}', '{}') WHERE number = '0367'"""
+        )
+        empty = (await http.get("/retailcrm-admin/api/managers/0367", headers=headers)).json()
+        await db.execute(
+            """UPDATE enterprises SET integrations_config = jsonb_set(integrations_config,
+                   '{retailcrm,user_extensions}', '{"20": "151"}') WHERE number = '0367'"""
+        )
+        differing = (await http.get("/retailcrm-admin/api/managers/0367", headers=headers)).json()
+    assert empty["import_offered"] is True
+    assert empty["remote"]["codes"] == {"19": "150"}
+    assert differing["import_offered"] is False
+    assert differing["differences"] == [
+        {"user_id": "19", "local": None, "remote": "150"},
+        {"user_id": "20", "local": "151", "remote": None},
+    ]
