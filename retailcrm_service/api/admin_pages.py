@@ -15,6 +15,7 @@ key, the JWT or the clientId: the key is shown as its last 4 characters only.
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
@@ -44,6 +45,20 @@ _templates = jinja2.Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
+
+
+def _when(value: Any) -> str:
+    """An ISO time as admins read it: ``30.11.2026 20:39:44 UTC`` (the input when unparseable)."""
+    if not isinstance(value, str) or not value:
+        return "—"
+    try:
+        moment = datetime.fromisoformat(value).astimezone(UTC)
+    except ValueError:
+        return value
+    return moment.strftime("%d.%m.%Y %H:%M:%S UTC")
+
+
+_templates.filters["when"] = _when
 
 TIMEZONES = (
     "Europe/Minsk",

@@ -140,7 +140,9 @@ class Browser:
         self.browser = pw.chromium.launch(
             executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"]
         )
-        self.context = self.browser.new_context(viewport={"width": 1200, "height": 900})
+        self.context = self.browser.new_context(
+            viewport={"width": 1200, "height": 900}, locale="ru-RU", timezone_id="Europe/Minsk"
+        )
         self.page = self.context.new_page()
         self.page.set_default_timeout(15000)
         self.shots = shots
