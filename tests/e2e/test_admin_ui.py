@@ -217,6 +217,14 @@ def test_admin_walks_login_connection_managers_journal_replay_logout_and_delete(
             assert f"…{key[-4:]}" in page.locator("#api_key_hint").inner_text()
             ui.shot("1-connection")
             ui.narrow_fits("1-connection")
+            # The keyboard alone: Tab reaches the test button, Enter runs the saved-key test.
+            result.evaluate("box => { box.textContent = ''; }")
+            for _ in range(40):
+                page.keyboard.press("Tab")
+                if page.evaluate("document.activeElement.textContent") == "Проверить подключение":
+                    break
+            page.keyboard.press("Enter")
+            result.get_by_text("Подключение работает").wait_for()
 
             # -- «Менеджеры»: 150 to Петров, then to Сидорова: one owner, RetailCRM agrees
             page.get_by_role("link", name="Менеджеры").click()
@@ -339,6 +347,7 @@ def test_admin_walks_login_connection_managers_journal_replay_logout_and_delete(
             for body in ui.received:
                 for secret in secrets_seen:
                     assert secret not in body
+                assert "token=ey" not in body  # no login or account JWT either
         finally:
             ui.close()
     assert len(list(shots.glob("*.png"))) >= 10
