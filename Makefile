@@ -4,12 +4,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv test test-fast lint typecheck demo bench clean
+.PHONY: help venv test test-fast lint demo bench clean
 
 help:
 	@echo "make demo   - the whole system on the embedded PostgreSQL and the RetailCRM sandbox"
 	@echo "make test   - the whole test suite (unit, integration, end-to-end)"
-	@echo "make lint   - ruff (lint and format) and mypy --strict on the library"
+	@echo "make lint   - ruff (lint and format) and mypy --strict (library, service, adapters)"
 	@echo "make bench  - every benchmark in --quick mode"
 
 $(STAMP): setup.cfg pyproject.toml

@@ -1,4 +1,4 @@
-"""``vochi-call-service``: the reference call service (ARCHITECTURE.md §5).
+"""``vochi-call-service``: the reference call service (README.md's commands).
 
 It receives the Asterisk hosts' webhooks (``POST /start /dial /bridge /hangup``; recovered hangups
 as ``POST /hangup`` with ``origin: "download"``, or ``POST /download``), resolves the ``Token``

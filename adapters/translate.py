@@ -1,4 +1,4 @@
-"""Host webhook payloads (platform-facts.md §1–2) -> ``CallEvent``, with every host quirk handled.
+"""Host webhook payloads -> ``CallEvent``, with every host quirk handled (docs/asterisk.md#quirks).
 
 The payload sent on is the host's, normalised so that no consumer has to know the quirks:
 
@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from vochi_crm_client._event import CallEvent
 
@@ -33,6 +33,12 @@ HOST_EVENTS: Final = frozenset({"start", "dial", "bridge", "hangup", "download"}
 TRUNK_ALIASES: Final = ("Trunk", "TrunkId", "INCALL", "Incall")
 UNKNOWN_PHONE: Final = "<unknown>"
 CALL_TYPE_INTERNAL: Final = 2
+# The event type a live host event becomes (a recovered one is always a hangup).
+_LIVE_EVENT_TYPES: Final[Mapping[str, Literal["dial", "bridge", "hangup"]]] = {
+    "dial": "dial",
+    "bridge": "bridge",
+    "hangup": "hangup",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +139,7 @@ def translate(
         raise ValueError("only hangups can be recovered (origin='download')")
     return CallEvent(
         enterprise_number=enterprise_number,
-        event_type="hangup" if recovered else host_event,  # type: ignore[arg-type]
+        event_type="hangup" if recovered else _LIVE_EVENT_TYPES[host_event],
         call_unique_id=_unique_id(body),
         payload=payload,
         occurred_at=None if recovered else received_at,

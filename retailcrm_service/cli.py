@@ -1,4 +1,4 @@
-"""``retailcrm-service``: serve, migrate, sandbox, demo, token (ARCHITECTURE.md §5)."""
+"""``retailcrm-service``: serve, migrate, sandbox, demo, token (README.md's commands)."""
 
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from retailcrm_service.crm.pacing import PacingConfig
@@ -247,7 +247,10 @@ _FIELD_VARIABLES = {
 }
 
 
-def _built(cls: Any, values: dict[str, Any], variables: Mapping[str, str]) -> Any:
+_T = TypeVar("_T")
+
+
+def _built(cls: type[_T], values: dict[str, Any], variables: Mapping[str, str]) -> _T:
     try:
         return cls(**values)
     except SettingsError:
@@ -291,7 +294,7 @@ def asterisk_from(env: Mapping[str, str]) -> AsteriskSettings:
         "command_timeout": "RETAILCRM_SSH_COMMAND_TIMEOUT",
         "idle_close": "RETAILCRM_SSH_IDLE_CLOSE",
     }
-    return _built(AsteriskSettings, values, variables)  # type: ignore[no-any-return]
+    return _built(AsteriskSettings, values, variables)
 
 
 def pipeline_from(env: Mapping[str, str]) -> PipelineSettings:

@@ -38,7 +38,9 @@ def idempotency_key(
     event_type: str,
     extensions: Iterable[str] = (),
 ) -> str:
-    """The idempotency key of one event (ARCHITECTURE.md §6); the service imports this function.
+    """The idempotency key of one event; the service uses this function too.
+
+    Why keys look like this: docs/architecture.md#decisions-and-their-reasons.
 
     - dial: ``(enterprise, UniqueId, "dial", sorted non-empty extensions)``, so a later dial of the
       same call with new extensions (ring-group escalation, follow-me) gets a new key and still
@@ -163,7 +165,7 @@ class CallEvent:
         return data
 
     def to_json(self) -> dict[str, Any]:
-        """The event as the service contract (ARCHITECTURE.md §4) spells it."""
+        """The event as the service contract (README.md's routes) spells it."""
         out: dict[str, Any] = {
             "enterprise_number": self.enterprise_number,
             "event_type": self.event_type,

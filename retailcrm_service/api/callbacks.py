@@ -1,4 +1,6 @@
-"""Callbacks RetailCRM sends us (retailcrm-api.md §7): click-to-call and users' status changes.
+"""Callbacks RetailCRM sends us: click-to-call and users' status changes.
+
+See docs/retailcrm.md#callbacks-from-retailcrm.
 
 ``GET|POST /retailcrm/make-call`` and ``GET|POST /retailcrm/status`` take their parameters from the
 query string or a form body. The module's ``clientId`` (a long random secret per enterprise,

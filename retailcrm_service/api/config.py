@@ -1,4 +1,4 @@
-"""Config API and config-cache endpoints (ARCHITECTURE.md §4), internal callers or the admin.
+"""Config API and config-cache endpoints (README.md's routes), internal callers or the admin.
 
 ``GET|PUT|DELETE /api/config/{n}``, ``POST /api/config/{n}/test``,
 ``POST /api/config-cache/refresh/{n}``, ``POST /api/config-cache/refresh-all``,

@@ -1,4 +1,4 @@
-"""``POST /api/events`` (durable intake) and ``POST /api/events/replay`` (ARCHITECTURE.md §4).
+"""``POST /api/events`` (durable intake) and ``POST /api/events/replay`` (README.md's routes).
 
 The 202 is sent only after the accepted events are committed; a database failure answers 503
 ``unavailable`` and nothing of that request is stored, so the caller may simply retry.
@@ -34,13 +34,13 @@ router = APIRouter(dependencies=[Depends(require_internal)])
 
 
 def pipeline(request: Request) -> EventPipeline:
-    found = getattr(request.app.state, "event_pipeline", None)
+    found: EventPipeline | None = getattr(request.app.state, "event_pipeline", None)
     runtime = getattr(request.app.state, "runtime", None)
     if found is None and runtime is not None:
         found = runtime.events
     if found is None:
         raise ApiError(503, "unavailable", "the event pipeline is not running")
-    return found  # type: ignore[no-any-return]
+    return found
 
 
 def _reject_constant(name: str) -> Any:

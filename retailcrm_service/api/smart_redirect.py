@@ -1,5 +1,5 @@
 """Smart redirect over HTTP: ``POST /api/smart-redirect`` and the dialplan's
-``POST /api/callevent/getcustomerdata`` (ARCHITECTURE.md §4, platform-facts.md §4).
+``POST /api/callevent/getcustomerdata`` (README.md's routes, docs/asterisk.md#dialplan-reply).
 
 The dialplan macro reads the body of ``getcustomerdata`` with ``CURL()``, which ignores the HTTP
 status and cuts the text on commas and quotes. So every answer of that route, errors included,

@@ -1,4 +1,4 @@
-"""The one module that speaks RetailCRM API v5's wire format (see docs/retailcrm-api.md §1–§6).
+"""The one module that speaks RetailCRM API v5's wire format (see docs/retailcrm.md).
 
 ``RetailCrmClient(domain=..., api_key=..., http=...)`` talks to one account:
 

@@ -1,10 +1,10 @@
 """The RetailCRM integration module of an enterprise: build it, register it, deactivate it.
 
 ``build_module(settings, config, *, account_url, active=True)`` returns the ``integrationModule``
-object of retailcrm-api.md §2 (code, integrationCode, active, name, SVG logo served by this
-service, baseUrl, clientId, accountUrl, ``integrations.telephony`` with makeCallUrl,
-changeUserStatusUrl, allowEdit=false, the three event flags (``config.events``),
-additionalCodes from ``user_extensions`` and externalPhones). ``edit_module`` sends it through
+object (docs/retailcrm.md#integration-module: code, integrationCode, active, name, SVG logo
+served by this service, baseUrl, clientId, accountUrl, ``integrations.telephony`` with makeCallUrl,
+changeUserStatusUrl, allowEdit=false, the three event flags (``config.events``), additionalCodes
+from ``user_extensions`` and externalPhones). ``edit_module`` sends it through
 ``integration-modules/{code}/edit`` and writes the caller's ``register_module`` or
 ``delete_module`` row of ``integration_logs``. ``check_access`` is the config test
 (``POST /api/config/{n}/test``).

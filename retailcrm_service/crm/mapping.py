@@ -1,4 +1,6 @@
-"""Pure mapping of stored call events to RetailCRM telephony entities (platform-facts.md §6).
+"""Pure mapping of stored call events to RetailCRM telephony entities.
+
+The rules are in docs/asterisk.md#event-mapping.
 
 One incoming event becomes rows of one or more *kinds* (see ``kinds_for``): a ``popup`` row is
 sent as ``telephony/call/event``, a ``history`` row as one call of ``telephony/calls/upload``,

@@ -1,7 +1,8 @@
 """Pacing of RetailCRM requests per API key, below RetailCRM's own limits.
 
 RetailCRM allows 10 requests/s per API key for ordinary methods and 40 requests/s for
-``/telephony/*`` (separate buckets, burst 1) and answers 503 beyond that (retailcrm-api.md §1).
+``/telephony/*`` (separate buckets, burst 1) and answers 503 beyond that
+(docs/retailcrm.md#rate-limits).
 We schedule below it (8 and 32 by default): each key has two virtual-time buckets (GCRA), and
 ``acquire`` waits until the request's slot. When n service instances deliver, each takes 1/n of
 the budget (``set_share``; the delivery workers count the live instances in PostgreSQL). A 503

@@ -1,6 +1,7 @@
 """A local emulator of the RetailCRM API v5 telephony subset (``retailcrm-service sandbox``).
 
-It follows ``shared/docs/retailcrm-api.md`` (§9 first), not our client. Accounts are told apart by
+It follows ``docs/retailcrm.md`` (its Sandbox section first), not our client. Accounts are told
+apart by
 API key; an account's base URL (the ``domain`` a client is configured with) is the server's root,
 so requests go to ``<url>/api/v5/...``.
 

@@ -1,4 +1,4 @@
-"""The RetailCRM API v5 methods the sandbox answers (retailcrm-api.md §1–§6, §9)."""
+"""The RetailCRM API v5 methods the sandbox answers (docs/retailcrm.md#sandbox)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Callbacks RetailCRM sends to a registered module (retailcrm-api.md §7), recorded with replies."""
+"""Callbacks RetailCRM sends to a registered module, recorded with their replies.
+
+See docs/retailcrm.md#callbacks-from-retailcrm.
+"""
 
 from __future__ import annotations
 

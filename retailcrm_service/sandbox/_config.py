@@ -23,7 +23,7 @@ NO_MANAGER_SHAPES = ("absent", "null", "404")
 
 @dataclass(frozen=True, kw_only=True)
 class SandboxConfig:
-    """Behaviour switches; defaults follow retailcrm-api.md §9."""
+    """Behaviour switches; defaults follow docs/retailcrm.md#sandbox."""
 
     rate_limit: bool = True
     general_rps: int = 10

@@ -1,4 +1,4 @@
-"""RetailCRM error envelopes with their exact ``errorMsg`` strings (retailcrm-api.md §1).
+"""RetailCRM error envelopes with their exact ``errorMsg`` strings (docs/retailcrm.md#errors).
 
 Exceptions of the sandbox::
 

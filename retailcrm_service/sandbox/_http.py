@@ -50,7 +50,7 @@ async def _form_pairs(request: Request) -> tuple[list[tuple[str, str]], str]:
                 value = (await value.read()).decode("utf-8", errors="replace")
             pairs.append((key, str(value)))
         return pairs, content_type
-    return [], content_type  # JSON bodies are not read by RetailCRM (retailcrm-api.md §1)
+    return [], content_type  # JSON bodies are not read by RetailCRM (docs/retailcrm.md#errors)
 
 
 def _render(response: Outgoing) -> Response:
@@ -111,7 +111,8 @@ def _control(
 
 def _control_routes(sandbox: Sandbox) -> list[Route]:
     def client(request: Request) -> httpx.AsyncClient:
-        return request.app.state.callback_client  # type: ignore[no-any-return]
+        callback_client: httpx.AsyncClient = request.app.state.callback_client
+        return callback_client
 
     async def state(request: Request, body: dict[str, Any]) -> Any:
         query = request.query_params

@@ -178,6 +178,12 @@ def _state_query(account: str | None, requests: int | None, since: int) -> dict[
     return query
 
 
+def _json_object(reply: httpx.Response) -> dict[str, Any]:
+    """A control-API answer: every ``/_sandbox/`` route answers with a JSON object."""
+    body: dict[str, Any] = reply.json()
+    return body
+
+
 def _click_spec(**kw: Any) -> dict[str, Any]:
     return {
         "account": kw["account"],
@@ -198,32 +204,32 @@ class SandboxControl:
     def close(self) -> None:
         self._http.close()
 
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         reply = self._http.request(method, f"/_sandbox/{path}", json=body)
         reply.raise_for_status()
-        return reply.json()
+        return _json_object(reply)
 
     def state(
         self, account: str | None = None, *, requests: int | None = None, since: int = 0
     ) -> dict[str, Any]:
         reply = self._http.get("/_sandbox/state", params=_state_query(account, requests, since))
         reply.raise_for_status()
-        return reply.json()  # type: ignore[no-any-return]
+        return _json_object(reply)
 
     def reset(self) -> None:
         self._call("POST", "reset")
 
     def seed(self, *accounts: dict[str, Any]) -> dict[str, Any]:
-        return self._call("POST", "seed", {"accounts": list(accounts)})  # type: ignore[no-any-return]
+        return self._call("POST", "seed", {"accounts": list(accounts)})
 
     def add_fault(self, **spec: Any) -> dict[str, Any]:
-        return self._call("POST", "faults", spec)  # type: ignore[no-any-return]
+        return self._call("POST", "faults", spec)
 
     def clear_faults(self) -> None:
         self._call("DELETE", "faults")
 
     def settings(self, **values: Any) -> dict[str, Any]:
-        return self._call("POST", "settings", values)  # type: ignore[no-any-return]
+        return self._call("POST", "settings", values)
 
     def click_to_call(
         self,
@@ -238,23 +244,31 @@ class SandboxControl:
         spec = _click_spec(
             account=account, user_id=user_id, phone=phone, site=site, method=method, module=module
         )
-        return self._call("POST", "callbacks/click-to-call", spec)["callback"]  # type: ignore[no-any-return]
+        reply = self._call("POST", "callbacks/click-to-call", spec)
+        callback: dict[str, Any] = reply["callback"]
+        return callback
 
     def set_user_status(
         self, *, user_id: int, status: str, account: str | None = None, method: str = "GET"
     ) -> dict[str, Any] | None:
         spec = {"account": account, "userId": user_id, "status": status, "method": method}
-        return self._call("POST", "callbacks/user-status", spec)["callback"]  # type: ignore[no-any-return]
+        reply = self._call("POST", "callbacks/user-status", spec)
+        callback: dict[str, Any] | None = reply["callback"]
+        return callback
 
     def account_url(self, *, code: str, account: str | None = None) -> dict[str, Any]:
         spec = {"account": account, "code": code}
-        return self._call("POST", "callbacks/account-url", spec)["callback"]  # type: ignore[no-any-return]
+        reply = self._call("POST", "callbacks/account-url", spec)
+        callback: dict[str, Any] = reply["callback"]
+        return callback
 
     def activity(
         self, *, code: str, active: bool, freeze: bool = False, account: str | None = None
     ) -> dict[str, Any] | None:
         spec = {"account": account, "code": code, "active": active, "freeze": freeze}
-        return self._call("POST", "callbacks/activity", spec)["callback"]  # type: ignore[no-any-return]
+        reply = self._call("POST", "callbacks/activity", spec)
+        callback: dict[str, Any] | None = reply["callback"]
+        return callback
 
 
 class AsyncSandboxControl:
@@ -266,10 +280,12 @@ class AsyncSandboxControl:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    async def _call(
+        self, method: str, path: str, body: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         reply = await self._http.request(method, f"/_sandbox/{path}", json=body)
         reply.raise_for_status()
-        return reply.json()
+        return _json_object(reply)
 
     async def state(
         self, account: str | None = None, *, requests: int | None = None, since: int = 0
@@ -277,22 +293,22 @@ class AsyncSandboxControl:
         params = _state_query(account, requests, since)
         reply = await self._http.get("/_sandbox/state", params=params)
         reply.raise_for_status()
-        return reply.json()  # type: ignore[no-any-return]
+        return _json_object(reply)
 
     async def reset(self) -> None:
         await self._call("POST", "reset")
 
     async def seed(self, *accounts: dict[str, Any]) -> dict[str, Any]:
-        return await self._call("POST", "seed", {"accounts": list(accounts)})  # type: ignore[no-any-return]
+        return await self._call("POST", "seed", {"accounts": list(accounts)})
 
     async def add_fault(self, **spec: Any) -> dict[str, Any]:
-        return await self._call("POST", "faults", spec)  # type: ignore[no-any-return]
+        return await self._call("POST", "faults", spec)
 
     async def clear_faults(self) -> None:
         await self._call("DELETE", "faults")
 
     async def settings(self, **values: Any) -> dict[str, Any]:
-        return await self._call("POST", "settings", values)  # type: ignore[no-any-return]
+        return await self._call("POST", "settings", values)
 
     async def click_to_call(
         self,
@@ -307,24 +323,31 @@ class AsyncSandboxControl:
         spec = _click_spec(
             account=account, user_id=user_id, phone=phone, site=site, method=method, module=module
         )
-        return (await self._call("POST", "callbacks/click-to-call", spec))["callback"]  # type: ignore[no-any-return]
+        reply = await self._call("POST", "callbacks/click-to-call", spec)
+        callback: dict[str, Any] = reply["callback"]
+        return callback
 
     async def set_user_status(
         self, *, user_id: int, status: str, account: str | None = None, method: str = "GET"
     ) -> dict[str, Any] | None:
         spec = {"account": account, "userId": user_id, "status": status, "method": method}
-        return (await self._call("POST", "callbacks/user-status", spec))["callback"]  # type: ignore[no-any-return]
+        reply = await self._call("POST", "callbacks/user-status", spec)
+        callback: dict[str, Any] | None = reply["callback"]
+        return callback
 
     async def account_url(self, *, code: str, account: str | None = None) -> dict[str, Any]:
         spec = {"account": account, "code": code}
         reply = await self._call("POST", "callbacks/account-url", spec)
-        return reply["callback"]  # type: ignore[no-any-return]
+        callback: dict[str, Any] = reply["callback"]
+        return callback
 
     async def activity(
         self, *, code: str, active: bool, freeze: bool = False, account: str | None = None
     ) -> dict[str, Any] | None:
         spec = {"account": account, "code": code, "active": active, "freeze": freeze}
-        return (await self._call("POST", "callbacks/activity", spec))["callback"]  # type: ignore[no-any-return]
+        reply = await self._call("POST", "callbacks/activity", spec)
+        callback: dict[str, Any] | None = reply["callback"]
+        return callback
 
 
 def cli_accounts(api_keys: Sequence[str]) -> tuple[list[dict[str, Any]], str | None]:

@@ -138,7 +138,7 @@ class Account:
     status_changes: list[dict[str, Any]] = field(default_factory=list)
 
     def telephony_module(self, key: str) -> Module | None:
-        """The active telephony module registered with this key (retailcrm-api.md §3)."""
+        """The active telephony module registered with this key."""
         for module in self.modules.values():
             if module.owner_key == key and module.telephony_active:
                 return module

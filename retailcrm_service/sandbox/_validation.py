@@ -1,4 +1,4 @@
-"""Validation of the entities a telephony integration sends (retailcrm-api.md §2–§4, §9).
+"""Validation of the entities a telephony integration sends (docs/retailcrm.md#sandbox).
 
 Field errors use Symfony's default messages, keyed by field path like RetailCRM's ``errors`` map.
 """

@@ -13,17 +13,20 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+
+if TYPE_CHECKING:
+    from pgserver import PostgresServer
 
 logger = logging.getLogger(__name__)
 
 # Any constant works; two `migrate` runs at once serialise on it.
 MIGRATION_LOCK_ID = 0x56_6F_63_68_69_01  # "Vochi" + 1
 
-_embedded_servers: dict[Path, Any] = {}
+_embedded_servers: dict[Path, PostgresServer] = {}
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,8 @@
 Each enterprise's Asterisk host (``enterprises.ip``) is reached with ``asyncssh``: key
 authentication only, host keys verified against a known_hosts file (an unknown key is refused),
 one reused connection per host that is closed after it sits idle. Every operation runs one
-``asterisk -rx "<cli command>"`` (platform-facts.md §5). Every argument is validated against a
+``asterisk -rx "<cli command>"`` (docs/asterisk.md#ssh-commands). Every argument is validated
+against a
 strict pattern *and* the remote command line is built with ``shlex.join``, so no input can reach
 the remote shell unquoted.
 

@@ -4,7 +4,7 @@ The responsible manager comes from RetailCRM's ``telephony/manager`` (asked with
 own account), falling back to the customer's manager and then to the manager of the customer's
 latest order. The enterprise's local ``user_extensions`` mapping wins over RetailCRM's
 ``manager.code``; the extension maps to ``user_internal_phones.id``, which names the dialplan
-context ``mngr<id>_<trunk>_1`` (platform-facts.md §4).
+context ``mngr<id>_<trunk>_1`` (docs/asterisk.md#dialplan-reply).
 
 Real-time rules: every decision is bounded by a hard deadline (default 300 ms) and fails open
 (no redirect) past it. CRM lookups are single-flight per (enterprise, phone), run as tasks owned by

@@ -2,7 +2,7 @@
 ``tests.support.procs.ThreadedServer``).
 
 ``RecordingReceiver`` is a minimal CRM service: it records every POST /api/events and answers 202
-per ARCHITECTURE.md §4, counting repeated idempotency keys as duplicates.
+per README.md's routes, counting repeated idempotency keys as duplicates.
 """
 
 from __future__ import annotations

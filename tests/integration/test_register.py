@@ -1,4 +1,7 @@
-"""Module registration and deletion: the exact form of retailcrm-api.md §2, the sandbox, the log."""
+"""Module registration and deletion: the exact module form, the sandbox, the journal.
+
+The form is described in docs/retailcrm.md#integration-module.
+"""
 
 from __future__ import annotations
 

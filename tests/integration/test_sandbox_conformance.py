@@ -1,6 +1,7 @@
 """The official ``retailcrm`` PyPI client (5.3.0, sync/requests) against the sandbox over sockets.
 
-Booleans are passed as ``1``/``0`` where the client would send Python reprs (retailcrm-api.md §1).
+Booleans are passed as ``1``/``0`` where the client would send Python reprs
+(docs/retailcrm.md#request-encoding).
 Each call is checked twice: the client's view (status, body) and the sandbox's view of the request
 (method, path, auth, decoded form or query).
 """

@@ -32,7 +32,7 @@ def fixture_records() -> list[dict[str, Any]]:
 
 
 def fixture_events(enterprise: str = ENTERPRISE) -> list[dict[str, Any]]:
-    """Every fixture webhook (but ``start``) as the call service posts it (ARCHITECTURE.md §4)."""
+    """Every fixture webhook (but ``start``) as the call service posts it (README.md's routes)."""
     events = []
     for record in fixture_records():
         if record["event"] == "start":
@@ -58,7 +58,7 @@ def sandbox_users() -> list[dict[str, Any]]:
 
 
 def module(base_url: str) -> dict[str, Any]:
-    """The telephony module our service registers (what issue 4 sends), enough for call events."""
+    """The telephony module as our service registers it: enough for call events."""
     return {
         "code": MODULE_CODE,
         "integrationCode": MODULE_CODE,

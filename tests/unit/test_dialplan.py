@@ -1,4 +1,4 @@
-"""Our dialplan replies survive the Asterisk macro's string cutting (platform-facts.md §4)."""
+"""Our dialplan replies survive the Asterisk macro's cutting (docs/asterisk.md#dialplan-reply)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The sandbox's RetailCRM API surface, driven in-process over ASGI (retailcrm-api.md §9)."""
+"""The sandbox's RetailCRM API surface, driven in-process over ASGI (docs/retailcrm.md#sandbox)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The sandbox's public names, pinned: other issues' tests and the demo import them."""
+"""The sandbox's public names, pinned: the service's tests and the demo import them."""
 
 from __future__ import annotations
 
