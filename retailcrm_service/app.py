@@ -71,6 +71,41 @@ class _RequestMetrics:
             self.metrics.http_requests.labels(template, scope["method"], str(status)).inc()
 
 
+ADMIN_PREFIX = "/retailcrm-admin"
+# The admin pages load only their own script, styles and images; nothing inline, no frames.
+ADMIN_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (
+        b"content-security-policy",
+        b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        b"connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
+    ),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+)
+
+
+class _AdminHeaders:
+    """Security headers on every answer under ``/retailcrm-admin`` (pages, API, assets)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not str(scope.get("path", "")).startswith(ADMIN_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        names = {name for name, _ in ADMIN_HEADERS}
+
+        async def send_wrapper(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                kept = [(k, v) for k, v in message.get("headers", []) if k.lower() not in names]
+                message = {**message, "headers": kept + list(ADMIN_HEADERS)}
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)
+
+
 def create_app(settings: Settings, *, parts: Collection[str] = ALL_PARTS) -> FastAPI:
     """The service app; ``parts`` selects the optional components (default: all of them)."""
     metrics = Metrics()
@@ -89,6 +124,7 @@ def create_app(settings: Settings, *, parts: Collection[str] = ALL_PARTS) -> Fas
     include_routers(app)
     static_dir = resources.files("retailcrm_service") / "static"
     app.mount("/retailcrm-admin/static", StaticFiles(directory=str(static_dir)), name="static")
+    app.add_middleware(_AdminHeaders)
     app.add_middleware(_RequestMetrics, metrics=metrics)
     return app
 

@@ -6,13 +6,15 @@
 2. ``http``: one shared ``httpx.AsyncClient`` for every RetailCRM account;
 3. ``journal``: the ``integration_logs`` writer;
 4. ``configs``: the enterprise config cache, then its first full load;
-5. ``listener``: ``LISTEN integrations_changed``, keeping ``configs`` coherent;
-6. ``pacer``: one request budget per RetailCRM API key, shared by delivery and lookups;
-7. ``events`` (part ``"events"``): intake and the delivery workers;
-8. ``asterisk`` (part ``"asterisk"``): the SSH pool;
-9. ``call_control`` (with ``asterisk``): redirects and click-to-call as bounded background jobs
-   of ``asterisk`` (drained when it closes), each journaled;
-10. ``smart_redirect`` (part ``"smart_redirect"``): responsible-manager lookups.
+5. ``connections``: read, save, test, delete and register an enterprise's RetailCRM connection,
+   and push its managers' extensions (the config and admin APIs call it), each journaled;
+6. ``listener``: ``LISTEN integrations_changed``, keeping ``configs`` coherent;
+7. ``pacer``: one request budget per RetailCRM API key, shared by delivery and lookups;
+8. ``events`` (part ``"events"``): intake and the delivery workers;
+9. ``asterisk`` (part ``"asterisk"``): the SSH pool;
+10. ``call_control`` (with ``asterisk``): redirects and click-to-call as bounded background jobs
+    of ``asterisk`` (drained when it closes), each journaled;
+11. ``smart_redirect`` (part ``"smart_redirect"``): responsible-manager lookups.
 
 Each component is handed its dependencies explicitly; none of them knows ``Runtime``. Routes reach
 the runtime through the ``RuntimeDep`` dependency and a component through ``runtime.need_*()``,
@@ -34,6 +36,7 @@ from fastapi import Depends, Request
 
 from retailcrm_service import __version__
 from retailcrm_service.crm.client import RetailCrmClient
+from retailcrm_service.crm.connections import Connections
 from retailcrm_service.crm.pacing import Pacer
 from retailcrm_service.errors import ApiError
 from retailcrm_service.ops.metrics import Metrics
@@ -74,6 +77,7 @@ class Runtime:
     http: httpx.AsyncClient
     journal: IntegrationLogWriter
     configs: ConfigCache
+    connections: Connections
     pacer: Pacer
     listener: ChangeListener | None = None
     events: EventPipeline | None = None
@@ -201,6 +205,14 @@ async def open_runtime(
             await configs.refresh_all()
         except Exception as exc:  # start degraded; the periodic reload retries
             logger.warning("runtime.initial_config_load_failed error=%s", type(exc).__name__)
+        connections = Connections(
+            settings=settings,
+            metrics=metrics,
+            pool=pool,
+            http=http,
+            journal=journal,
+            configs=configs,
+        )
         listener = await stack.enter_async_context(await _open_listener(configs, settings))
         pacer = Pacer(config=settings.pipeline.delivery.pacing)
         runtime = Runtime(
@@ -210,6 +222,7 @@ async def open_runtime(
             http=http,
             journal=journal,
             configs=configs,
+            connections=connections,
             pacer=pacer,
             listener=listener,
         )

@@ -172,6 +172,7 @@ class Settings:
     module_name: str = "Vochi-CRM"
     retailcrm_timeout: float = 3.0
     admin_session_ttl_seconds: int = 12 * 3600
+    admin_session_idle_seconds: int = 2 * 3600
     db_pool_min_size: int = 1
     db_pool_max_size: int = 10
     asterisk: AsteriskSettings = field(default_factory=AsteriskSettings)

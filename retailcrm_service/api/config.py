@@ -3,7 +3,8 @@
 ``GET|PUT|DELETE /api/config/{n}``, ``POST /api/config/{n}/test``,
 ``POST /api/config-cache/refresh/{n}``, ``POST /api/config-cache/refresh-all``,
 ``GET /api/config-cache/active-enterprises``. The API key (and the clientId) are only ever
-returned masked (``***`` + last 4 chars).
+returned masked (``***`` + last 4 chars). The logic lives in ``crm.connections.Connections``
+(``runtime.connections``); these routes parse, authorise, call it and shape the reply.
 """
 
 from __future__ import annotations
@@ -16,14 +17,11 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 from retailcrm_service.api.http import read_json, validate
-from retailcrm_service.crm import integration_module as module
-from retailcrm_service.crm.client import RetailCrmClient
+from retailcrm_service.crm.connections import public_view
 from retailcrm_service.errors import ApiError
 from retailcrm_service.runtime import Runtime, RuntimeDep
 from retailcrm_service.security import admin_auth as auth
-from retailcrm_service.security.secrets import Secret
 from retailcrm_service.storage import config_writes as config_store
-from retailcrm_service.storage.enterprise_configs import RetailCrmConfig, load_config
 
 logger = logging.getLogger(__name__)
 
@@ -43,49 +41,6 @@ def check_number(enterprise_number: str) -> str:
     return enterprise_number
 
 
-def public_view(config: RetailCrmConfig) -> dict[str, Any]:
-    """The config as any endpoint may show it: secrets masked."""
-    configured = bool(config.domain) or config.api_key is not None
-    return {
-        "enterprise_number": config.enterprise_number,
-        "configured": configured,
-        "active": config.active,
-        "enabled": config.enabled,
-        "domain": config.domain or None,
-        "api_key": config.api_key.masked if config.api_key is not None else None,
-        "api_key_set": config.api_key is not None or config.api_key_error is not None,
-        "api_key_error": config.api_key_error,
-        "client_id": config.client_id.masked if config.client_id is not None else None,
-        "user_extensions": dict(config.user_extensions),
-        "timezone": config.timezone,
-        "account_timezone": config.account_timezone,
-        "internal_calls": config.internal_calls,
-        "external_phones": [dict(p) for p in config.external_phones],
-        "smart_redirect": dict(config.smart_redirect),
-        "module": dict(config.module),
-        "last_sync": config.last_sync,
-        "is_on": config.is_on,
-    }
-
-
-async def fresh_config(runtime: Runtime, number: str) -> RetailCrmConfig:
-    """The config straight from the database (404 when the enterprise does not exist)."""
-    config = await load_config(runtime.pool, number, secret_key=runtime.settings.secret_key)
-    if config is None:
-        raise ApiError(404, "not_found", f"no enterprise {number}")
-    return config
-
-
-async def refresh_cache(runtime: Runtime, number: str) -> None:
-    # NOTIFY does it too; refreshing here makes this instance read its own writes at once.
-    try:
-        await runtime.configs.refresh(number)
-    except Exception as exc:
-        logger.warning(
-            "config.cache_refresh_failed enterprise=%s error=%s", number, type(exc).__name__
-        )
-
-
 @router.get("/api/config/{enterprise_number}")
 async def get_config(
     enterprise_number: str,
@@ -93,7 +48,16 @@ async def get_config(
     _: auth.InternalOrAdminDep,
 ) -> dict[str, Any]:
     check_number(enterprise_number)
-    return public_view(await fresh_config(runtime, enterprise_number))
+    return public_view(await runtime.connections.get(enterprise_number))
+
+
+async def config_body(request: Request, runtime: Runtime) -> config_store.ConfigIn:
+    """The validated body of a config PUT (shared by the admin route of the same PUT)."""
+    return validate(
+        config_store.ConfigIn,
+        await read_json(request, max_bytes=256 * 1024),
+        context={"allow_http": runtime.settings.allow_http},
+    )
 
 
 @router.put("/api/config/{enterprise_number}")
@@ -104,28 +68,8 @@ async def put_config(
     _: auth.InternalOrAdminDep,
 ) -> dict[str, Any]:
     check_number(enterprise_number)
-    body = validate(
-        config_store.ConfigIn,
-        await read_json(request, max_bytes=256 * 1024),
-        context={"allow_http": runtime.settings.allow_http},
-    )
-    try:
-        async with runtime.pool.acquire() as conn:
-            await config_store.save_config(
-                conn, enterprise_number, body, secret_key=runtime.settings.secret_key
-            )
-    except config_store.NotFound:
-        raise ApiError(404, "not_found", f"no enterprise {enterprise_number}") from None
-    except config_store.ApiKeyRequired:
-        raise ApiError(
-            422,
-            "validation_error",
-            "an API key is required on the first save and when the domain changes",
-            fields={"api_key": "required on the first save and with a new domain"},
-        ) from None
-    logger.info("config.saved enterprise=%s enabled=%s", enterprise_number, body.enabled)
-    await refresh_cache(runtime, enterprise_number)
-    return public_view(await fresh_config(runtime, enterprise_number))
+    body = await config_body(request, runtime)
+    return public_view(await runtime.connections.save(enterprise_number, body))
 
 
 @router.delete("/api/config/{enterprise_number}")
@@ -136,67 +80,7 @@ async def delete_config(
 ) -> dict[str, Any]:
     """Deactivate the module in RetailCRM, revoke admin tokens, remove the config."""
     check_number(enterprise_number)
-    config = await fresh_config(runtime, enterprise_number)
-    deactivated: bool | None = None
-    retailcrm_error: dict[str, Any] | None = None
-    if can_send_module(config):
-        deactivated, result = await send_module(
-            runtime, config, active=False, event="delete_module"
-        )
-        retailcrm_error = None if deactivated else result
-    else:
-        runtime.logs.write(
-            enterprise_number,
-            "delete_module",
-            request_data={"domain": config.domain or None},
-            response_data={"skipped": "no usable RetailCRM config"},
-            status="success",
-        )
-    async with runtime.pool.acquire() as conn, conn.transaction():
-        await auth.revoke_admin_tokens(conn, enterprise_number)
-        removed = await config_store.remove_config(conn, enterprise_number)
-    logger.info(
-        "config.deleted enterprise=%s removed=%s module_deactivated=%s",
-        enterprise_number,
-        removed,
-        deactivated,
-    )
-    await refresh_cache(runtime, enterprise_number)
-    return {
-        "enterprise_number": enterprise_number,
-        "deleted": removed,
-        "module_deactivated": deactivated,
-        "retailcrm_error": retailcrm_error,
-        "admin_tokens_revoked": True,
-    }
-
-
-def can_send_module(config: RetailCrmConfig) -> bool:
-    """A domain, a readable API key and a clientId: what sending the module needs."""
-    return config.api_key is not None and bool(config.domain) and config.client_id is not None
-
-
-async def send_module(
-    runtime: Runtime, config: RetailCrmConfig, *, active: bool, event: str
-) -> tuple[bool, dict[str, Any]]:
-    """Send the whole module (with a fresh account link) to RetailCRM, journalled as ``event``."""
-    number = config.enterprise_number
-    version = await auth.current_version(runtime.pool, number)
-    payload = module.build_module(
-        runtime.settings,
-        config,
-        account_url=auth.account_url(runtime.settings, number, version=version),
-        active=active,
-    )
-    redact = [s.get_secret_value() for s in (config.api_key, config.client_id) if s is not None]
-    return await module.edit_module(
-        runtime.retailcrm(config),
-        payload,
-        logs=runtime.logs,
-        enterprise_number=number,
-        event_type=event,
-        redact=redact,
-    )
+    return await runtime.connections.delete(enterprise_number)
 
 
 class TestIn(BaseModel):
@@ -221,6 +105,12 @@ class TestIn(BaseModel):
         return config_store.normalize_api_key(value)
 
 
+async def test_body(request: Request, runtime: Runtime) -> TestIn:
+    """The validated (optional) body of a config test."""
+    raw = await read_json(request, max_bytes=16 * 1024) if await _has_body(request) else {}
+    return validate(TestIn, raw, context={"allow_http": runtime.settings.allow_http})
+
+
 @router.post("/api/config/{enterprise_number}/test")
 async def check_config_access(
     enterprise_number: str,
@@ -230,42 +120,10 @@ async def check_config_access(
 ) -> dict[str, Any]:
     """Call RetailCRM with the saved (or given) domain and key; report access or the error."""
     check_number(enterprise_number)
-    raw = await read_json(request, max_bytes=16 * 1024) if await _has_body(request) else {}
-    body = validate(TestIn, raw, context={"allow_http": runtime.settings.allow_http})
-    config = await fresh_config(runtime, enterprise_number)
-    domain = body.domain or config.domain
-    key = Secret(body.api_key) if body.api_key else config.api_key
-    if body.domain and body.domain != config.domain and not body.api_key:
-        # The saved key goes only to the saved account: else any admin session could send it
-        # (never shown in full) to an account or local port of their choosing.
-        raise ApiError(
-            422,
-            "validation_error",
-            "give the API key to test a domain other than the saved one",
-            fields={"api_key": "required with a domain other than the saved one"},
-        )
-    if not domain or key is None:
-        raise ApiError(
-            422,
-            "validation_error",
-            "no domain and API key to test",
-            fields={"api_key": config.api_key_error or "no API key saved or given"},
-        )
-    client = RetailCrmClient(
-        domain=domain, api_key=key, http=runtime.http, timeout=runtime.settings.retailcrm_timeout
+    body = await test_body(request, runtime)
+    return await runtime.connections.test(
+        enterprise_number, domain=body.domain, api_key=body.api_key
     )
-    report = await module.check_access(client)
-    runtime.logs.write(
-        enterprise_number,
-        "test_connection",
-        request_data={"domain": domain},
-        response_data=report,
-        status="success" if report["ok"] else "error",
-        error_message=None if report["ok"] else report["error"]["message"],
-        redact=[key.get_secret_value()],
-    )
-    runtime.metrics.retailcrm_calls.labels("credentials", "ok" if report["ok"] else "error").inc()
-    return {"enterprise_number": enterprise_number, "domain": domain, **report}
 
 
 async def _has_body(request: Request) -> bool:

@@ -3,8 +3,8 @@
 ``build_module(settings, config, *, account_url, active=True)`` returns the ``integrationModule``
 object (docs/retailcrm.md#integration-module: code, integrationCode, active, name, SVG logo
 served by this service, baseUrl, clientId, accountUrl, ``integrations.telephony`` with makeCallUrl,
-changeUserStatusUrl, allowEdit=false, the three event flags, additionalCodes from
-``user_extensions`` and externalPhones). ``edit_module`` sends it through
+changeUserStatusUrl, allowEdit=false, the three event flags (``config.events``), additionalCodes
+from ``user_extensions`` and externalPhones). ``edit_module`` sends it through
 ``integration-modules/{code}/edit`` and writes the caller's ``register_module`` or
 ``delete_module`` row of ``integration_logs``. ``check_access`` is the config test
 (``POST /api/config/{n}/test``).
@@ -59,9 +59,9 @@ def build_module(
                 "makeCallUrl": base + MAKE_CALL_PATH,
                 "changeUserStatusUrl": base + USER_STATUS_PATH,
                 "allowEdit": False,
-                "inputEventSupported": True,
-                "outputEventSupported": True,
-                "hangupEventSupported": True,
+                "inputEventSupported": config.events.get("incoming_popups", True),
+                "outputEventSupported": config.events.get("outgoing_popups", True),
+                "hangupEventSupported": config.events.get("call_history", True),
                 "additionalCodes": additional_codes,
                 "externalPhones": [
                     {"siteCode": p["siteCode"], "externalPhone": p["externalPhone"]}

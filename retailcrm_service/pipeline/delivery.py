@@ -40,11 +40,13 @@ from retailcrm_service.crm.client import (
     RetailCrmRateLimited,
 )
 from retailcrm_service.crm.mapping import (
+    CALL_OUTGOING,
     DEFAULT_TIMEZONE,
     KIND_HISTORY,
     KIND_POPUP,
     MappingConfig,
     Skip,
+    call_type,
     history_call,
     popup_event,
     upload_batches,
@@ -370,7 +372,8 @@ class DeliveryService:
         )
         # Stop well inside the lease: past it another worker may take the same rows.
         deadline = self._clock() + self.store.config.lease_seconds / 2
-        sender = _Sender(self, number, client, config.api_key, mapping, deadline)
+        events = dict(getattr(config, "events", None) or {})
+        sender = _Sender(self, number, client, config.api_key, mapping, deadline, events=events)
         popups = [row for row in rows if row.kind == KIND_POPUP]
         history = [row for row in rows if row.kind == KIND_HISTORY]
         for index, row in enumerate(popups):
@@ -428,6 +431,8 @@ class _Sender:
         api_key: Any,
         mapping: MappingConfig,
         deadline: float = float("inf"),
+        *,
+        events: dict[str, bool] | None = None,
     ) -> None:
         self._service = service
         self._deadline = deadline
@@ -435,6 +440,8 @@ class _Sender:
         self._client = client
         self._key = api_key.get_secret_value()
         self._mapping = mapping
+        # The enterprise's event options (``retailcrm.events``): a switched-off kind is skipped.
+        self.events: dict[str, bool] = events or {}
 
     def out_of_time(self) -> bool:
         return self._service._clock() >= self._deadline
@@ -443,6 +450,9 @@ class _Sender:
         if row.expires_at is not None and row.expires_at < datetime.now(UTC):
             self._service._count(self._number).expired += 1
             return Outcome(row, "expired", "popup expired")
+        option = "outgoing_popups" if call_type(row.payload) == CALL_OUTGOING else "incoming_popups"
+        if self.events.get(option) is False:
+            return Outcome(row, "skipped", f"{option} switched off")
         try:
             event = popup_event(row.event_type, row.payload, self._mapping)
         except Exception as exc:
@@ -461,6 +471,9 @@ class _Sender:
         bridges: dict[str, list[dict[str, Any]]],
         settle: Callable[[list[Outcome]], Awaitable[None]],
     ) -> None:
+        if self.events.get("call_history") is False:
+            await settle([Outcome(row, "skipped", "call_history switched off") for row in rows])
+            return
         skipped: list[Outcome] = []
         mapped: list[tuple[OutboxRow, dict[str, Any]]] = []
         for row in rows:

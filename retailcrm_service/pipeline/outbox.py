@@ -617,14 +617,16 @@ async def replay(
     enterprise_number: str,
     event_id: int | None = None,
     idempotency_key: str | None = None,
+    call_unique_id: str | None = None,
     since: datetime | None = None,
     states: Sequence[str] = ("dead", "expired", "superseded"),
     popup_ttl: float = OutboxConfig().popup_ttl,
 ) -> int:
-    """Make events pending again (one, or the failed ones of an enterprise since a time).
+    """Make events pending again (one, one call's history, or the failed ones since a time).
 
     Popups come back as history when they belonged to a hangup (their moment has passed);
-    history is safe to re-send because RetailCRM dedups uploads by ``externalId``.
+    history is safe to re-send because RetailCRM dedups uploads by ``externalId``. A call is
+    replayed as its history only (whatever its rows' states): a popup of a past call is noise.
     """
     conditions = ["enterprise_number = $1", "kind <> 'note'"]
     args: list[Any] = [enterprise_number]
@@ -634,6 +636,10 @@ async def replay(
     elif idempotency_key is not None:
         args.append(idempotency_key)
         conditions.append(f"idempotency_key = ${len(args)}")
+    elif call_unique_id is not None:
+        args.append(call_unique_id)
+        conditions.append(f"call_unique_id = ${len(args)}")
+        conditions.append("state <> 'pending' AND (kind = 'history' OR has_history)")
     else:
         args.append(list(states))
         conditions.append(f"state = ANY(${len(args)}::text[])")

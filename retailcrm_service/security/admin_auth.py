@@ -11,6 +11,12 @@ FastAPI dependencies:
   a token of another enterprise than the path's ``{enterprise_number}`` -> 403.
 - ``require_internal_or_admin``: either of the two (the config API).
 
+Sessions: the login flow opens a server-side session (``retailcrm_admin_sessions``) and puts its
+id (``sid``) in the session JWT; each use slides its idle limit (``admin_session_idle_seconds``),
+it never outlives ``admin_session_ttl_seconds``, and logging out ends it (a copied cookie stops
+working). A cookie-authenticated state-changing request must carry the session's CSRF token
+(``csrf_token(settings, claims)``, an HMAC of the token id) in ``X-CSRF-Token``; 403 otherwise.
+
 Tokens (all HS256, ``iss=retailcrm-service``, ``aud=retailcrm-admin``; ``typ`` says which):
 ``session`` (the cookie / bearer), ``login`` (one-time, inside a short-lived link; its ``jti`` is
 burnt on use) and ``account`` (the reusable ``accountUrl`` in RetailCRM, revoked with the rest).
@@ -22,11 +28,14 @@ burnt on use) and ``account`` (the reusable ``accountUrl`` in RetailCRM, revoked
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import ipaddress
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any
 
 import asyncpg
@@ -42,6 +51,8 @@ ISSUER = "retailcrm-service"
 AUDIENCE = "retailcrm-admin"
 SESSION_COOKIE = "retailcrm_admin_session"
 COOKIE_PATH = "/retailcrm-admin/"
+CSRF_HEADER = "X-CSRF-Token"
+CSRF_FIELD = "csrf_token"
 ACCOUNT_TOKEN_TTL = 365 * 24 * 3600
 _KINDS = frozenset({"session", "login", "account"})
 
@@ -53,6 +64,8 @@ class AdminClaims:
     kind: str
     jti: str
     expires_at: int
+    session_id: str | None = None
+    via_cookie: bool = False
 
 
 class TokenInvalid(Exception):
@@ -67,6 +80,7 @@ def issue_token(
     kind: str = "session",
     ttl_seconds: int,
     now: float | None = None,
+    session_id: str | None = None,
 ) -> str:
     if kind not in _KINDS:
         raise ValueError(f"unknown token kind {kind!r}")
@@ -83,6 +97,8 @@ def issue_token(
         "iat": issued,
         "exp": issued + ttl_seconds,
     }
+    if session_id is not None:
+        claims["sid"] = session_id
     return jwt.encode(claims, settings.jwt_secret.get_secret_value(), algorithm="HS256")
 
 
@@ -104,12 +120,16 @@ def decode_token(settings: Settings, token: str, *, kinds: frozenset[str]) -> Ad
     kind, version, sub = claims.get("typ"), claims.get("ver"), claims.get("sub")
     if kind not in kinds or not isinstance(version, int) or not isinstance(sub, str):
         raise TokenInvalid("invalid token")
+    sid = claims.get("sid")
+    if sid is not None and not isinstance(sid, str):
+        raise TokenInvalid("invalid token")
     return AdminClaims(
         enterprise_number=sub,
         version=version,
         kind=str(kind),
         jti=str(claims.get("jti") or ""),
         expires_at=int(claims["exp"]),
+        session_id=sid,
     )
 
 
@@ -156,11 +176,80 @@ async def burn_login(conn: asyncpg.Connection | asyncpg.Pool, claims: AdminClaim
 async def check_claims(
     settings: Settings, pool: asyncpg.Pool, token: str, *, kinds: frozenset[str]
 ) -> AdminClaims:
-    """Decoded, signed, unexpired and not revoked; raises ``TokenInvalid`` otherwise."""
+    """Decoded, signed, unexpired and not revoked; raises ``TokenInvalid`` otherwise.
+
+    A token naming a session (``sid``) is valid only while that session is: not ended, used
+    within the idle limit (each use slides it) and younger than its absolute limit.
+    """
     claims = decode_token(settings, token, kinds=kinds)
     if claims.version != await current_version(pool, claims.enterprise_number):
         raise TokenInvalid("token revoked")
+    if claims.session_id is not None and not await touch_session(
+        pool,
+        claims.session_id,
+        claims.enterprise_number,
+        idle_seconds=settings.admin_session_idle_seconds,
+    ):
+        raise TokenInvalid("session ended")
     return claims
+
+
+# -- server-side sessions (logout, idle and absolute expiry) ------------------------------------
+
+
+async def open_session(
+    conn: asyncpg.Connection | asyncpg.Pool, enterprise_number: str, *, ttl_seconds: int
+) -> str:
+    """A new session row (absolute limit ``ttl_seconds`` from now); returns its id."""
+    await conn.execute(
+        "DELETE FROM retailcrm_admin_sessions WHERE expires_at < now() - interval '1 day'"
+    )
+    session_id = secrets.token_urlsafe(24)
+    await conn.execute(
+        """INSERT INTO retailcrm_admin_sessions (id, enterprise_number, expires_at)
+           VALUES ($1, $2, now() + make_interval(secs => $3))""",
+        session_id,
+        enterprise_number,
+        float(ttl_seconds),
+    )
+    return session_id
+
+
+async def touch_session(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    session_id: str,
+    enterprise_number: str,
+    *,
+    idle_seconds: int,
+) -> bool:
+    """Slide a live session's idle limit; False when it ended, idled out or expired."""
+    alive = await conn.fetchval(
+        """UPDATE retailcrm_admin_sessions SET last_seen_at = now()
+           WHERE id = $1 AND enterprise_number = $2 AND revoked_at IS NULL
+             AND expires_at > now() AND last_seen_at > now() - make_interval(secs => $3)
+           RETURNING true""",
+        session_id,
+        enterprise_number,
+        float(idle_seconds),
+    )
+    return bool(alive)
+
+
+async def end_session(conn: asyncpg.Connection | asyncpg.Pool, session_id: str) -> None:
+    """Log out: the session (and every copy of its cookie) stops working now."""
+    await conn.execute(
+        "UPDATE retailcrm_admin_sessions SET revoked_at = now() WHERE id = $1", session_id
+    )
+
+
+def csrf_token(settings: Settings, claims: AdminClaims) -> str:
+    """The CSRF token of a session: derived from its token id, so nothing is stored for it."""
+    mac = hmac.new(
+        settings.jwt_secret.get_secret_value().encode(),
+        f"csrf:{claims.enterprise_number}:{claims.jti}".encode(),
+        hashlib.sha256,
+    )
+    return base64.urlsafe_b64encode(mac.digest()).decode().rstrip("=")
 
 
 # -- FastAPI dependencies ---------------------------------------------------------------------
@@ -204,42 +293,67 @@ async def require_internal(request: Request) -> None:
         raise ApiError(403, "forbidden", "internal route: loopback or X-Internal-Token only")
 
 
-def _presented_token(request: Request) -> str | None:
+def bearer_token(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
     scheme, _, value = header.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
-    return request.cookies.get(SESSION_COOKIE) or None
+    return None
+
+
+def presented_token(request: Request) -> str | None:
+    return bearer_token(request) or request.cookies.get(SESSION_COOKIE) or None
+
+
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 async def admin_claims(request: Request) -> AdminClaims:
-    """The caller's admin session (401 without a valid one)."""
-    token = _presented_token(request)
+    """The caller's admin session (401 without a valid one); ``via_cookie`` says how it came."""
+    token = presented_token(request)
     if not token:
         raise ApiError(
             401, "unauthorized", "admin login required", headers={"WWW-Authenticate": "Bearer"}
         )
     runtime = _runtime(request)
     try:
-        return await check_claims(
+        claims = await check_claims(
             runtime.settings, runtime.pool, token, kinds=frozenset({"session"})
         )
     except TokenInvalid as exc:
         raise ApiError(
             401, "unauthorized", str(exc), headers={"WWW-Authenticate": "Bearer"}
         ) from None
+    if not bearer_token(request):
+        claims = replace(claims, via_cookie=True)
+    return claims
+
+
+def check_csrf(settings: Settings, claims: AdminClaims, presented: str | None) -> None:
+    """403 unless ``presented`` is the session's CSRF token (constant-time compare)."""
+    expected = csrf_token(settings, claims).encode()
+    if not presented or not secrets.compare_digest(presented.encode(), expected):
+        raise ApiError(403, "csrf", "missing or wrong CSRF token (X-CSRF-Token)")
 
 
 async def require_admin(request: Request, enterprise_number: str) -> AdminClaims:
+    """An admin of ``enterprise_number`` (401 without a session, 403 for another enterprise).
+
+    A state-changing request authenticated by the cookie must also carry the session's CSRF
+    token in ``X-CSRF-Token`` (403 otherwise): a browser sends the cookie on any site's behalf,
+    but only our page can read the token. Bearer calls are not cookie-driven and need none.
+    """
     claims = await admin_claims(request)
     if not secrets.compare_digest(claims.enterprise_number.encode(), enterprise_number.encode()):
         raise ApiError(403, "forbidden", "the token belongs to another enterprise")
+    if claims.via_cookie and request.method not in _SAFE_METHODS:
+        check_csrf(request.app.state.settings, claims, request.headers.get(CSRF_HEADER))
     return claims
 
 
 async def require_internal_or_admin(request: Request, enterprise_number: str) -> AdminClaims | None:
     """None for internal callers, else the admin's claims for this enterprise."""
-    if is_internal(request, request.app.state.settings) and not _presented_token(request):
+    if is_internal(request, request.app.state.settings) and not presented_token(request):
         return None
     return await require_admin(request, enterprise_number)
 

@@ -5,7 +5,8 @@ value (``jsonb_set`` + ``||``), so concurrent writers of other integrations' key
 platform's own keys inside ``retailcrm``) lose nothing; never a read-modify-write of the document.
 
 Public names: ``ConfigIn`` (pydantic; validate with ``context={"allow_http": bool}``),
-``save_config``, ``remove_config``, ``set_module_state``, ``NotFound``, ``ApiKeyRequired``.
+``save_config``, ``remove_config``, ``set_module_state``, ``set_user_extensions``,
+``validate_user_extensions``, ``ExtensionsIn``, ``NotFound``, ``ApiKeyRequired``.
 """
 
 from __future__ import annotations
@@ -126,6 +127,34 @@ def normalize_api_key(value: str | None) -> str | None:
     return value
 
 
+def validate_user_extensions(value: dict[str, str | None]) -> dict[str, str | None]:
+    """``{RetailCRM user id: extension or None}``; ValueError naming the first problem."""
+    out: dict[str, str | None] = {}
+    for user_id, ext in value.items():
+        if not _USER_ID.fullmatch(user_id):
+            raise ValueError(f"user id {user_id!r} must be digits (a RetailCRM user id)")
+        if ext not in (None, "") and not _EXTENSION.fullmatch(str(ext)):
+            raise ValueError(f"extension of user {user_id} must be 2-5 digits or null")
+        out[user_id] = ext or None
+    taken = [e for e in out.values() if e]
+    if len(taken) != len(set(taken)):
+        raise ValueError("an extension is assigned to several users")
+    return out
+
+
+class ExtensionsIn(BaseModel):
+    """Body of the admin's ``PUT .../extensions/{n}``: the whole mapping, one owner per number."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_extensions: dict[str, str | None]
+
+    @field_validator("user_extensions")
+    @classmethod
+    def _extensions(cls, value: dict[str, str | None]) -> dict[str, str | None]:
+        return validate_user_extensions(value)
+
+
 def _check_zone(value: str) -> str:
     # OSError: a name too long for a file, or a directory of the zone database ("Europe").
     try:
@@ -133,6 +162,16 @@ def _check_zone(value: str) -> str:
     except (ZoneInfoNotFoundError, ValueError, OSError):
         raise ValueError(f"unknown timezone {value[:64]!r}") from None
     return value
+
+
+class EventOptions(BaseModel):
+    """What the enterprise sends to RetailCRM (the module's event flags)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    incoming_popups: bool = True
+    outgoing_popups: bool = True
+    call_history: bool = True
 
 
 class ConfigIn(BaseModel):
@@ -149,6 +188,7 @@ class ConfigIn(BaseModel):
     internal_calls: bool = False
     external_phones: list[ExternalPhone] = Field(default_factory=list)
     smart_redirect: dict[str, Any] | None = None
+    events: EventOptions | None = None
 
     @field_validator("domain")
     @classmethod
@@ -164,17 +204,7 @@ class ConfigIn(BaseModel):
     @field_validator("user_extensions")
     @classmethod
     def _extensions(cls, value: dict[str, str | None]) -> dict[str, str | None]:
-        out: dict[str, str | None] = {}
-        for user_id, ext in value.items():
-            if not _USER_ID.fullmatch(user_id):
-                raise ValueError(f"user id {user_id!r} must be digits (a RetailCRM user id)")
-            if ext not in (None, "") and not _EXTENSION.fullmatch(str(ext)):
-                raise ValueError(f"extension of user {user_id} must be 2-5 digits or null")
-            out[user_id] = ext or None
-        taken = [e for e in out.values() if e]
-        if len(taken) != len(set(taken)):
-            raise ValueError("an extension is assigned to several users")
-        return out
+        return validate_user_extensions(value)
 
     @field_validator("timezone")
     @classmethod
@@ -213,6 +243,8 @@ async def save_config(
     }
     if body.smart_redirect is not None:
         patch["smart_redirect"] = body.smart_redirect
+    if body.events is not None:
+        patch["events"] = body.events.model_dump()
     if body.api_key is not None:
         patch["api_key"] = encrypt_api_key(
             body.api_key, enterprise_number=number, secret_key=secret_key
@@ -261,6 +293,20 @@ async def set_module_state(conn: asyncpg.Connection, number: str, state: dict[st
         number,
         json.dumps(state),
     )
+
+
+async def set_user_extensions(
+    conn: asyncpg.Connection, number: str, extensions: dict[str, str | None]
+) -> bool:
+    """Replace ``retailcrm.user_extensions`` (only that sub-key); False without a config."""
+    status = await conn.execute(
+        """UPDATE enterprises SET integrations_config = jsonb_set(
+               integrations_config, '{retailcrm,user_extensions}', $2::jsonb, true)
+           WHERE number = $1 AND jsonb_typeof(integrations_config -> 'retailcrm') = 'object'""",
+        number,
+        json.dumps(extensions),
+    )
+    return str(status).endswith(" 1")
 
 
 async def remove_config(conn: asyncpg.Connection, number: str) -> bool:

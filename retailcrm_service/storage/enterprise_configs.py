@@ -18,7 +18,7 @@ Public names:
 Stored shape of ``integrations_config.retailcrm`` (keys we own, besides the platform's ``enabled``,
 ``domain``, ``api_key``, ``user_extensions``, ``last_sync``): ``clientId``, ``timezone``,
 ``account_timezone``, ``internal_calls``, ``external_phones``, ``smart_redirect``, ``module``
-(registration state).
+(registration state), ``events`` (``incoming_popups``, ``outgoing_popups``, ``call_history``).
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ from vochi_crm_client import CacheSettings, RefreshingCache, enabled_sql
 logger = logging.getLogger(__name__)
 
 INTEGRATION = "retailcrm"
+# What the enterprise sends to RetailCRM (``retailcrm.events``; all on unless switched off).
+DEFAULT_EVENTS = {"incoming_popups": True, "outgoing_popups": True, "call_history": True}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -63,6 +65,7 @@ class RetailCrmConfig:
     external_phones: tuple[Mapping[str, str], ...] = ()
     smart_redirect: Mapping[str, Any] = field(default_factory=dict)
     module: Mapping[str, Any] = field(default_factory=dict)
+    events: Mapping[str, bool] = field(default_factory=lambda: dict(DEFAULT_EVENTS))
     last_sync: Any = None
     ip: str | None = None
 
@@ -126,6 +129,9 @@ def config_from_row(row: Mapping[str, Any], *, secret_key: Secret | None) -> Ret
         ),
         smart_redirect=smart,
         module=_as_dict(raw.get("module")),
+        events={
+            name: _as_dict(raw.get("events")).get(name) is not False for name in DEFAULT_EVENTS
+        },
         last_sync=raw.get("last_sync"),
         ip=row["ip"],
     )

@@ -249,6 +249,10 @@ async def test_the_admin_session_cookie_drives_the_whole_config_api(svc: Running
         login = await http.get(_path(link), headers=REMOTE)
         cookie = {**REMOTE, "Cookie": login.headers["set-cookie"].split(";", 1)[0]}
         me = await http.get("/retailcrm-admin/api/me", headers=cookie)
+        no_csrf = await http.put(
+            "/retailcrm-admin/api/config/0367", json={**BODY, "enabled": False}, headers=cookie
+        )
+        cookie = {**cookie, "X-CSRF-Token": me.json()["csrf_token"]}
         saved = await http.put(
             "/retailcrm-admin/api/config/0367", json={**BODY, "enabled": False}, headers=cookie
         )
@@ -263,6 +267,8 @@ async def test_the_admin_session_cookie_drives_the_whole_config_api(svc: Running
         deleted = await http.delete("/retailcrm-admin/api/config/0367", headers=cookie)
         after = await http.get("/retailcrm-admin/api/me", headers=cookie)
     assert me.json()["enterprise_number"] == "0367"
+    assert no_csrf.status_code == 403
+    assert no_csrf.json()["error"]["code"] == "csrf"
     assert saved.status_code == 200
     assert saved.json()["enabled"] is False
     assert invalid.status_code == 422
@@ -271,3 +277,41 @@ async def test_the_admin_session_cookie_drives_the_whole_config_api(svc: Running
     assert tested.json()["error"]["kind"] == "unavailable"
     assert deleted.status_code == 200
     assert after.status_code == 401
+
+
+async def test_logout_ends_the_session_on_the_server_and_idle_or_old_sessions_expire(
+    svc: RunningService, db: asyncpg.Connection
+) -> None:
+    async def login() -> dict[str, str]:
+        link = auth.admin_link(svc.runtime.settings, "0367", version=0, ttl_seconds=60)
+        response = await http.get(_path(link), headers=REMOTE)
+        return {**REMOTE, "Cookie": response.headers["set-cookie"].split(";", 1)[0]}
+
+    async with httpx.AsyncClient(base_url=svc.url) as http:
+        cookie = await login()
+        csrf = (await http.get("/retailcrm-admin/api/me", headers=cookie)).json()["csrf_token"]
+        refused = await http.post("/retailcrm-admin/logout", headers=cookie)
+        still = await http.get("/retailcrm-admin/api/me", headers=cookie)
+        out = await http.post("/retailcrm-admin/logout", headers={**cookie, "X-CSRF-Token": csrf})
+        copied = await http.get("/retailcrm-admin/api/me", headers=cookie)
+
+        idle, old = await login(), await login()
+        await db.execute(
+            """UPDATE retailcrm_admin_sessions SET last_seen_at = now() - interval '3 hours'
+               WHERE revoked_at IS NULL AND id = (SELECT min(id) FROM retailcrm_admin_sessions
+                                                  WHERE revoked_at IS NULL)"""
+        )
+        await db.execute(
+            """UPDATE retailcrm_admin_sessions SET expires_at = now() - interval '1 second'
+               WHERE revoked_at IS NULL AND last_seen_at > now() - interval '1 hour'"""
+        )
+        answers = [
+            (await http.get("/retailcrm-admin/api/me", headers=h)).status_code for h in (idle, old)
+        ]
+    assert refused.status_code == 403
+    assert still.status_code == 200
+    assert out.status_code == 200
+    assert "retailcrm_admin_session=" in out.headers["set-cookie"]
+    assert copied.status_code == 401
+    assert copied.json()["error"]["message"] == "session ended"
+    assert answers == [401, 401]

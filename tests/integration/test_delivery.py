@@ -240,3 +240,30 @@ async def test_a_row_the_mapping_cannot_convert_is_dead_lettered_and_the_rest_de
     uploaded = {c["externalId"] for c in crm.state()["accounts"]["test"]["calls"]}
     assert "7.1" in uploaded
     assert "7.2" not in uploaded
+
+
+async def test_event_kinds_the_admin_switched_off_are_skipped_and_never_sent(
+    pool: asyncpg.Pool, db: asyncpg.Connection, crm: SandboxServer
+) -> None:
+    """«События»: incoming popups and call history off, outgoing popups on."""
+    await add_enterprise(
+        db,
+        crm.url,
+        crm.api_key,
+        events={"incoming_popups": False, "outgoing_popups": True, "call_history": False},
+    )
+    outgoing = dial("8.2")
+    outgoing.payload["CallType"] = 1
+    service = _service(pool)
+    async with service, GroupCommitter(pool=pool, on_commit=service.wake) as committer:
+        await committer.submit([dial("8.1"), outgoing, _hangup("8.3", "2025-11-26 10:00:00")])
+        await _until(lambda: _settled(db))
+    rows = {r["call_unique_id"]: r for r in await _rows(db)}
+    assert rows["8.1"]["state"] == "skipped"
+    assert rows["8.1"]["last_error"] == "incoming_popups switched off"
+    assert rows["8.2"]["state"] == "delivered"
+    assert rows["8.3"]["state"] == "skipped"
+    assert rows["8.3"]["last_error"] == "call_history switched off"
+    account = crm.state()["accounts"]["test"]
+    assert [e["event"]["type"] for e in account["events"]] == ["out"]
+    assert account["calls"] == []
