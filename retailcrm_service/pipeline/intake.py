@@ -19,7 +19,7 @@ import logging
 import re
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -41,6 +41,13 @@ logger = logging.getLogger(__name__)
 
 MAX_EVENTS = 1000
 MAX_BODY_BYTES = 1024 * 1024
+# PostgreSQL refuses a UTC offset of 16 hours or more ("time zone displacement out of range");
+# Python accepts up to 24. Real offsets stay within -12:00..+14:00.
+MAX_UTC_OFFSET = timedelta(hours=16)
+# The idempotency key is indexed together with the enterprise number; a btree entry holds at most
+# 2704 bytes, and a longer key fails the whole INSERT it is part of. A dial's key grows with its
+# Extensions; a real one is a few dozen bytes.
+MAX_KEY_BYTES = 1024
 
 
 class BodyTooLarge(ValueError):
@@ -112,13 +119,20 @@ def validated(item: dict[str, Any]) -> StoredEvent:
     occurred_at = _occurred_at(item.get("occurred_at"))
     extensions = _extensions(payload) if event_type == "dial" else []
     _check_storable(uid, "call_unique_id")
+    key = idempotency_key(enterprise, uid, event_type, extensions)
+    _check_storable(key, "payload.Extensions")
+    if len(key.encode("utf-8")) > MAX_KEY_BYTES:
+        raise ValueError(
+            f"payload.Extensions are too many or too long: the event's key would be more than "
+            f"{MAX_KEY_BYTES} bytes"
+        )
     return StoredEvent(
         enterprise_number=enterprise,
         event_type=event_type,
         call_unique_id=uid,
         payload=payload,
         origin=origin,
-        idempotency_key=idempotency_key(enterprise, uid, event_type, extensions),
+        idempotency_key=key,
         occurred_at=occurred_at,
         payload_json=_payload_json(payload),
     )
@@ -168,9 +182,17 @@ def _occurred_at(value: Any) -> datetime | None:
         parsed = datetime.fromisoformat(value)
     except ValueError:
         raise ValueError(f"occurred_at is not ISO-8601: {value!r}") from None
-    if parsed.tzinfo is None or parsed.utcoffset() is None:
+    offset = parsed.utcoffset()
+    if offset is None:
         raise ValueError("occurred_at must be timezone-aware")
-    return parsed
+    if abs(offset) >= MAX_UTC_OFFSET:
+        raise ValueError(f"occurred_at has an impossible UTC offset: {value!r}")
+    # Stored in UTC: offsets with seconds or fractions, which Python accepts, are not valid
+    # PostgreSQL input, and the instant is all the outbox needs.
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00+01:00 is before year 1 in UTC
+        raise ValueError(f"occurred_at is out of range: {value!r}") from None
 
 
 def _extensions(payload: dict[str, Any]) -> list[str]:
