@@ -38,6 +38,7 @@ from retailcrm_service.crm.pacing import Pacer
 from retailcrm_service.errors import ApiError
 from retailcrm_service.ops.metrics import Metrics
 from retailcrm_service.pipeline.intake import EventPipeline
+from retailcrm_service.security.auth_failures import AuthFailures
 from retailcrm_service.settings import Settings
 from retailcrm_service.storage.enterprise_configs import ConfigCache, RetailCrmConfig
 from retailcrm_service.storage.journal import IntegrationLogWriter, pg_purge, pg_sink
@@ -81,6 +82,7 @@ class Runtime:
     call_control: CallControl | None = None
     smart_redirect: SmartRedirect | None = None
     statuses: UserStatusBook | None = None
+    auth_failures: AuthFailures = field(default_factory=AuthFailures)
     started_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -217,6 +219,7 @@ async def open_runtime(
         _stats_source(stack, metrics, "config_cache", configs.stats)
         _stats_source(stack, metrics, "integration_logs", journal.stats)
         _stats_source(stack, metrics, "listener", listener.stats)
+        _stats_source(stack, metrics, "auth_failures", runtime.auth_failures.stats)
         if EVENTS in parts:
             runtime.events = await stack.enter_async_context(
                 EventPipeline(

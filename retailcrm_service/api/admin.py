@@ -4,7 +4,9 @@
   module's account token (RetailCRM's ``accountUrl``) for an HttpOnly session cookie and redirects
   (303) to ``/retailcrm-admin/{n}/``, so the JWT does not stay in the address bar or history.
   ``POST /retailcrm-admin/login`` does the same, also accepting the form field ``clientId`` that
-  RetailCRM posts to ``accountUrl``. ``POST /retailcrm-admin/logout`` clears the cookie.
+  RetailCRM posts to ``accountUrl`` (only while the enterprise is active and the integration
+  enabled; unknown clientIds count against the caller's address like the callbacks' do).
+  ``POST /retailcrm-admin/logout`` clears the cookie.
 - ``GET /retailcrm-admin/api/me``: the session's enterprise.
 - ``GET|PUT|DELETE /retailcrm-admin/api/config/{n}``, ``POST .../{n}/test``: the config API for
   the admin (the session cookie's path is ``/retailcrm-admin/``, so the UI calls these).
@@ -22,6 +24,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from retailcrm_service.api import config as config_routes
+from retailcrm_service.api.callbacks import client_config
 from retailcrm_service.api.http import read_form
 from retailcrm_service.crm import integration_module as module
 from retailcrm_service.errors import ApiError
@@ -89,12 +92,17 @@ async def login_post(request: Request, runtime: RuntimeDep) -> Response:
     if token:
         return await _login_response(runtime, await _claims_from_link(runtime, token))
     form = await read_form(request, max_bytes=16 * 1024)
-    client_id = form.get("clientId")
-    config = (
-        await runtime.configs.find_by_client_id(client_id) if isinstance(client_id, str) else None
-    )
-    if config is None:
-        raise ApiError(401, "unauthorized", "unknown clientId", headers=_NO_STORE)
+    try:
+        config = await client_config(runtime, request, form.get("clientId"), "admin_login")
+    except ApiError as exc:
+        headers = {**(exc.headers or {}), **_NO_STORE}
+        raise ApiError(exc.status, exc.code, exc.message, headers=headers) from None
+    if not (config.active and config.enabled):
+        # The module's clientId opens a session only while the integration is on, as it does
+        # for the callbacks; an admin of a switched-off account uses a one-time link.
+        raise ApiError(
+            403, "disabled", "the RetailCRM integration is off for this account", headers=_NO_STORE
+        )
     version = await auth.current_version(runtime.pool, config.enterprise_number)
     claims = auth.AdminClaims(config.enterprise_number, version, "account", "", 0)
     return await _login_response(runtime, claims)
