@@ -151,10 +151,14 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 """Route parameter annotation: ``runtime: RuntimeDep``."""
 
 
-async def _open_listener(configs: ConfigCache, settings: Settings) -> ChangeListener:
+async def _open_listener(
+    configs: ConfigCache, settings: Settings, tokens: EnterpriseTokens
+) -> ChangeListener:
     def on_change(change: Change) -> None:
         if change.integration_type in _WATCHED_KEYS:
             configs.invalidate(change.enterprise_number)
+        if change.integration_type == "*":  # inserts, deletes and token changes
+            tokens.forget(change.enterprise_number)
 
     async def on_reload() -> None:
         await configs.refresh_all()
@@ -203,7 +207,9 @@ async def open_runtime(
             await configs.refresh_all()
         except Exception as exc:  # start degraded; the periodic reload retries
             logger.warning("runtime.initial_config_load_failed error=%s", type(exc).__name__)
-        listener = await stack.enter_async_context(await _open_listener(configs, settings))
+        # The dialplan's Token cache, kept coherent by the listener; smart redirect uses it.
+        tokens = EnterpriseTokens(pool=pool)
+        listener = await stack.enter_async_context(await _open_listener(configs, settings, tokens))
         pacer = Pacer(config=settings.pipeline.delivery.pacing)
         runtime = Runtime(
             settings=settings,
@@ -250,7 +256,7 @@ async def open_runtime(
                     client_for=runtime.retailcrm,
                     internal_phones=InternalPhones(pool=pool),
                     statuses=runtime.statuses,
-                    tokens=EnterpriseTokens(pool=pool),
+                    tokens=tokens,
                     pacer=pacer,
                 )
             )
