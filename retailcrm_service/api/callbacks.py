@@ -125,7 +125,13 @@ async def client_config(
     runtime: Runtime, request: Request, client_id: str | None, what: str
 ) -> Any:
     """The config whose module ``clientId`` this is; 401 when unknown (counted against the
-    caller's address), 429 while that address has failed too often."""
+    caller's address), 429 instead while that address has failed too often.
+
+    A known clientId is served whatever its address's failures: RetailCRM's callbacks must not
+    stop because someone else sends junk from the same address (a proxy in front of nginx)."""
+    config = await runtime.configs.find_by_client_id(client_id) if client_id else None
+    if config is not None:
+        return config
     source = caller_address(request)
     wait = runtime.auth_failures.retry_after(source)
     if wait > 0:
@@ -135,11 +141,8 @@ async def client_config(
             "too many unknown clientIds from this address",
             headers={"Retry-After": str(max(1, math.ceil(wait)))},
         )
-    config = await runtime.configs.find_by_client_id(client_id) if client_id else None
-    if config is None:
-        runtime.auth_failures.failed(source, what)
-        raise ApiError(401, "unauthorized", "unknown clientId")
-    return config
+    runtime.auth_failures.failed(source, what)
+    raise ApiError(401, "unauthorized", "unknown clientId")
 
 
 # --------------------------------------------------------------------------- make-call

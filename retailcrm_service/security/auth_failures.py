@@ -3,9 +3,11 @@
 RetailCRM's callbacks (``/retailcrm/make-call``, ``/retailcrm/status``) and the ``clientId`` login
 of the admin page authenticate a caller by the module's ``clientId``. Every unknown one is counted
 against its source address (``caller_address``: nginx's ``X-Real-IP``). A source with ``limit``
-failures within ``window`` seconds is refused (429 with Retry-After) until its window ends, for
-every clientId, known or not, so that guessing costs it the window. The state is a bounded TTL
-cache (``max_sources``): a flood of sources evicts the oldest instead of growing memory.
+failures within ``window`` seconds gets 429 with Retry-After for every further unknown clientId
+until its window ends; those are neither counted again nor logged. A known clientId is still
+served from that address: RetailCRM's callbacks may share it (a proxy in front of nginx), and a
+clientId is a long random secret, so refusing it would cost more than it protects. The state is a
+bounded TTL cache (``max_sources``): a flood of sources evicts the oldest instead of growing.
 
 A failure is logged as one warning line per ``log_interval`` at most, carrying the count of the
 failures it stands for, so a flood of junk clientIds cannot flood the log. The clientId itself is
