@@ -3,12 +3,19 @@
 The lifespan opens the runtime (``retailcrm_service.runtime.open_runtime``: every component, in
 its visible order) and puts it on ``app.state.runtime``, where routes reach it through the
 ``RuntimeDep`` dependency. Routes live in ``retailcrm_service.api``, one module per area.
+
+Two sides. With ``RETAILCRM_PUBLIC_PORT`` set, ``serve`` listens on a second port, the public
+side, which nginx's public server block proxies to (deploy/nginx.conf). A request's side is the
+port of the socket it arrived on (``scope["server"]``), which no header can change: on the
+public side only the admin UI, RetailCRM's callbacks and the dialplan route exist (anything else
+is 404), and no caller is internal, whatever its address, ``X-Real-IP`` or ``X-Internal-Token``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
@@ -24,6 +31,7 @@ from retailcrm_service.api import include_routers
 from retailcrm_service.api.http import install_error_handlers
 from retailcrm_service.ops.metrics import Metrics
 from retailcrm_service.runtime import ALL_PARTS, open_runtime
+from retailcrm_service.security.admin_auth import PUBLIC_SIDE
 from retailcrm_service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -106,6 +114,55 @@ class _AdminHeaders:
         await self.app(scope, receive, send_wrapper)
 
 
+# What the public side serves: the admin UI and its API, RetailCRM's callbacks, the dialplan.
+_PUBLIC_PREFIXES = ("/retailcrm-admin/",)
+_PUBLIC_PATHS = frozenset(
+    {
+        "/retailcrm-admin",
+        "/retailcrm/make-call",
+        "/retailcrm/status",
+        "/api/callevent/getcustomerdata",
+    }
+)
+_NOT_FOUND = json.dumps(
+    {"error": {"code": "not_found", "message": "no such route"}}, separators=(",", ":")
+).encode()
+
+
+def is_public_path(path: str) -> bool:
+    """Whether the public side serves ``path`` (dot segments never: routing is literal)."""
+    if any(part in (".", "..") for part in path.split("/")):
+        return False
+    return path in _PUBLIC_PATHS or path.startswith(_PUBLIC_PREFIXES)
+
+
+class _Sides:
+    """Marks requests that arrived on the public port, and answers 404 for what it lacks."""
+
+    def __init__(self, app: ASGIApp, public_port: int | None) -> None:
+        self.app = app
+        self.public_port = public_port
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and self.public_port is not None:
+            server = scope.get("server")
+            if server is not None and server[1] == self.public_port:
+                scope[PUBLIC_SIDE] = True
+                if scope["type"] != "http" or not is_public_path(scope["path"]):
+                    await _not_found(scope, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+async def _not_found(scope: Scope, send: Send) -> None:
+    if scope["type"] != "http":
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(_NOT_FOUND))]
+    await send({"type": "http.response.start", "status": 404, "headers": headers})
+    await send({"type": "http.response.body", "body": _NOT_FOUND})
+
+
 def create_app(settings: Settings, *, parts: Collection[str] = ALL_PARTS) -> FastAPI:
     """The service app; ``parts`` selects the optional components (default: all of them)."""
     metrics = Metrics()
@@ -126,6 +183,7 @@ def create_app(settings: Settings, *, parts: Collection[str] = ALL_PARTS) -> Fas
     app.mount("/retailcrm-admin/static", StaticFiles(directory=str(static_dir)), name="static")
     app.add_middleware(_AdminHeaders)
     app.add_middleware(_RequestMetrics, metrics=metrics)
+    app.add_middleware(_Sides, public_port=settings.public_port)
     return app
 
 
@@ -138,7 +196,22 @@ def serve(settings: Settings) -> None:
     asyncio.run(migrate(settings.database_url.get_secret_value()))
     app = create_app(settings)
     # No access log: a one-time login link carries its token in the query string.
+    options: dict[str, Any] = {"host": settings.host, "access_log": False, "proxy_headers": False}
     with contextlib.suppress(KeyboardInterrupt):
-        uvicorn.run(
-            app, host=settings.host, port=settings.port, access_log=False, proxy_headers=False
+        if settings.public_port is None:
+            uvicorn.run(app, port=settings.port, **options)
+            return
+        # One server, two sockets: the internal port and the public one (see _Sides).
+        config = uvicorn.Config(app, port=settings.port, **options)
+        sockets = [
+            config.bind_socket(),
+            uvicorn.Config(app, port=settings.public_port, **options).bind_socket(),
+        ]
+        logger.info(
+            "serve.listening internal=%s:%d public=%s:%d",
+            settings.host,
+            settings.port,
+            settings.host,
+            settings.public_port,
         )
+        uvicorn.Server(config).run(sockets=sockets)

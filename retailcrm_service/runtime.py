@@ -41,6 +41,7 @@ from retailcrm_service.crm.pacing import Pacer
 from retailcrm_service.errors import ApiError
 from retailcrm_service.ops.metrics import Metrics
 from retailcrm_service.pipeline.intake import EventPipeline
+from retailcrm_service.security.auth_failures import AuthFailures
 from retailcrm_service.settings import Settings
 from retailcrm_service.storage.enterprise_configs import ConfigCache, RetailCrmConfig
 from retailcrm_service.storage.journal import IntegrationLogWriter, pg_purge, pg_sink
@@ -85,6 +86,7 @@ class Runtime:
     call_control: CallControl | None = None
     smart_redirect: SmartRedirect | None = None
     statuses: UserStatusBook | None = None
+    auth_failures: AuthFailures = field(default_factory=AuthFailures)
     started_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -153,10 +155,14 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 """Route parameter annotation: ``runtime: RuntimeDep``."""
 
 
-async def _open_listener(configs: ConfigCache, settings: Settings) -> ChangeListener:
+async def _open_listener(
+    configs: ConfigCache, settings: Settings, tokens: EnterpriseTokens
+) -> ChangeListener:
     def on_change(change: Change) -> None:
         if change.integration_type in _WATCHED_KEYS:
             configs.invalidate(change.enterprise_number)
+        if change.integration_type == "*":  # inserts, deletes and token changes
+            tokens.forget(change.enterprise_number)
 
     async def on_reload() -> None:
         await configs.refresh_all()
@@ -213,7 +219,9 @@ async def open_runtime(
             journal=journal,
             configs=configs,
         )
-        listener = await stack.enter_async_context(await _open_listener(configs, settings))
+        # The dialplan's Token cache, kept coherent by the listener; smart redirect uses it.
+        tokens = EnterpriseTokens(pool=pool)
+        listener = await stack.enter_async_context(await _open_listener(configs, settings, tokens))
         pacer = Pacer(config=settings.pipeline.delivery.pacing)
         runtime = Runtime(
             settings=settings,
@@ -230,6 +238,7 @@ async def open_runtime(
         _stats_source(stack, metrics, "config_cache", configs.stats)
         _stats_source(stack, metrics, "integration_logs", journal.stats)
         _stats_source(stack, metrics, "listener", listener.stats)
+        _stats_source(stack, metrics, "auth_failures", runtime.auth_failures.stats)
         if EVENTS in parts:
             runtime.events = await stack.enter_async_context(
                 EventPipeline(
@@ -260,7 +269,7 @@ async def open_runtime(
                     client_for=runtime.retailcrm,
                     internal_phones=InternalPhones(pool=pool),
                     statuses=runtime.statuses,
-                    tokens=EnterpriseTokens(pool=pool),
+                    tokens=tokens,
                     pacer=pacer,
                 )
             )

@@ -9,6 +9,7 @@ in the error (``SettingsError``); command-line flags are applied over it by the 
 |---|---|---|
 | ``DATABASE_URL`` | embedded PostgreSQL under the data dir | PostgreSQL DSN |
 | ``RETAILCRM_HOST`` / ``RETAILCRM_PORT`` | ``127.0.0.1`` / ``8019`` | where ``serve`` listens |
+| ``RETAILCRM_PUBLIC_PORT`` | unset: none | the public side's port (deploy/nginx.conf) |
 | ``RETAILCRM_DATA_DIR`` | ``./.vochi-data`` | embedded PostgreSQL, dev JWT secret |
 | ``RETAILCRM_JWT_SECRET`` | generated under the data dir | admin session signing key (32+) |
 | ``RETAILCRM_SECRET_KEY`` | unset: API keys stored as given | encrypts API keys at rest |
@@ -91,6 +92,12 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
 
 
+def _optional_int(env: Mapping[str, str], name: str) -> int | None:
+    if not env.get(name, "").strip():
+        return None
+    return _int(env, name, 0)
+
+
 def _float(env: Mapping[str, str], name: str, default: float) -> float:
     raw = env.get(name, "").strip()
     if not raw:
@@ -162,6 +169,8 @@ class Settings:
     jwt_secret: Secret
     host: str = "127.0.0.1"
     port: int = 8019
+    # The public side's listener: what arrives on it is never internal (deploy/nginx.conf).
+    public_port: int | None = None
     secret_key: Secret | None = None
     public_url: str = ""
     internal_token: Secret | None = None
@@ -181,6 +190,10 @@ class Settings:
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be 1..65535, got {self.port}")
+        if self.public_port is not None and not 0 < self.public_port < 65536:
+            raise SettingsError(f"RETAILCRM_PUBLIC_PORT must be 1..65535, got {self.public_port}")
+        if self.public_port == self.port:
+            raise SettingsError("RETAILCRM_PUBLIC_PORT must differ from RETAILCRM_PORT")
         if not self.jwt_secret.get_secret_value():
             raise ValueError("jwt_secret must not be empty")
         if len(self.jwt_secret.get_secret_value()) < 32:
@@ -223,6 +236,7 @@ class Settings:
             jwt_secret=jwt_secret,
             host=env.get("RETAILCRM_HOST", "").strip() or "127.0.0.1",
             port=_int(env, "RETAILCRM_PORT", 8019),
+            public_port=_optional_int(env, "RETAILCRM_PUBLIC_PORT"),
             secret_key=_optional_secret(env, "RETAILCRM_SECRET_KEY"),
             public_url=env.get("RETAILCRM_PUBLIC_URL", "").strip(),
             internal_token=_optional_secret(env, "RETAILCRM_INTERNAL_TOKEN"),

@@ -1,11 +1,12 @@
-"""A generic refreshing cache: immutable snapshots, lock-free reads, single-flight loads.
+"""A generic refreshing cache: lock-free O(1) reads and writes, bounded, single-flight loads.
 
 The enablement matrix and the RetailCRM service's per-enterprise config cache are both this
 class with different loaders. Public names (re-exported by ``vochi_crm_client``)::
 
     CacheSettings(*, refresh_interval=240.0, refresh_jitter=0.15, ttl=90.0, ttl_jitter=0.25,
                   negative_ttl=15.0, max_staleness=1800.0, retry_interval=5.0,
-                  load_timeout=10.0, sweep_interval=1.0)           # frozen, validated
+                  load_timeout=10.0, sweep_interval=1.0,
+                  max_entries=200_000, max_negative=10_000)        # frozen, validated
 
     RefreshingCache[K, V](*, load_one: Callable[[K], Awaitable[V | None]],
                           load_all: Callable[[], Awaitable[Mapping[K, V]]] | None = None,
@@ -19,6 +20,7 @@ class with different loaders. Public names (re-exported by ``vochi_crm_client``)
         await cache.reload_all() -> None           # full reload; raises LoadError, keeps old data
         cache.invalidate(key, *, reload=True)      # drop one key (refetched in the background)
         cache.invalidate_if(predicate) -> int      # drop every (key, value) the predicate accepts
+        cache.invalidate_negatives() -> int        # drop every negative entry, O(1)
         cache.invalidate_all()                     # drop everything; full reload in the background
         cache.stats() -> dict                      # JSON-serialisable; keys: CACHE_STATS_KEYS
 
@@ -31,6 +33,13 @@ first stale read schedules one background revalidation (a failed one is retried 
 Freshness is evaluated by a background sweeper every ``sweep_interval``, not on every read: the
 hit path is then one dict lookup and a counter, with no clock call (see benchmarks/).
 
+Cost and bounds: storing, invalidating or expiring one key is O(1) (O(log n) for its deadline in
+the sweeper's heap): the maps are updated in place, never copied, so a flood of distinct keys
+(junk tokens) cannot make each insert slower than the last. At most ``max_entries`` values and
+``max_negative`` negative entries are kept; beyond either bound the entry stored longest ago is
+evicted (a later read loads it again). ``invalidate_negatives`` and ``invalidate_all`` drop their
+entries at once, whatever their number; only ``invalidate_if`` and a full reload walk the entries.
+
 Consistency: a load's result is stored only if no invalidation of its key (or of everything)
 happened after the load started; a full reload keeps, for keys invalidated while it ran, whatever
 the per-key path stored since. ``reload_all`` never joins a reload that started before the call:
@@ -42,10 +51,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import heapq
+import itertools
 import logging
 import math
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Generic, Literal, TypeAlias, TypeVar
@@ -141,6 +153,8 @@ class CacheSettings:
     retry_interval: float = 5.0
     load_timeout: float = 10.0
     sweep_interval: float = 1.0
+    max_entries: int = 200_000
+    max_negative: int = 10_000
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
@@ -153,6 +167,10 @@ class CacheSettings:
         for name in ("refresh_jitter", "ttl_jitter"):
             if getattr(self, name) >= 1:
                 raise ValueError(f"CacheSettings.{name} is a fraction and must be < 1")
+        for name in ("max_entries", "max_negative"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"CacheSettings.{name} must be an integer >= 1: {value!r}")
         if self.max_staleness < self.ttl * (1 + self.ttl_jitter):
             raise ValueError("CacheSettings.max_staleness must be >= the longest entry TTL")
 
@@ -242,10 +260,19 @@ class RefreshingCache(Generic[K, V]):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks = BackgroundTasks(f"cache {name}", logger=logger)
 
-        self._entries: dict[K, _Entry[V]] = {}
+        # Values and negatives are kept apart so that a flood of junk keys, each cached
+        # negatively, evicts only other negatives. Both are ordered by when they were stored.
+        self._values: OrderedDict[K, _Entry[V]] = OrderedDict()
+        self._negatives: OrderedDict[K, _Entry[V]] = OrderedDict()
+        # The hot path's dict of fresh values, updated in place alongside ``_values``.
+        self._fresh: dict[K, V] = {}
         self._hot: _HotPath[K, V] = _HotPath(self._peek_slow)
+        self._hot.publish(self._fresh)
         self.peek: Callable[[K], V | NotLoaded | None] = self._hot.peek
-        self._next_deadline = math.inf
+        # The sweeper's deadlines: (when, seq, key, entry); an item whose entry is no longer
+        # the key's current one is skipped when it comes up.
+        self._deadlines: list[tuple[float, int, K, _Entry[V]]] = []
+        self._seq = itertools.count()
 
         self._inflight: dict[K, asyncio.Future[V | None]] = {}
         self._epoch = 0  # bumped by invalidate_all: older loads must not be stored
@@ -265,7 +292,8 @@ class RefreshingCache(Generic[K, V]):
         self._full_reload_errors = 0
 
     def __repr__(self) -> str:
-        return f"<RefreshingCache {self.name!r} {self._state.value} size={len(self._entries)}>"
+        size = len(self._values) + len(self._negatives)
+        return f"<RefreshingCache {self.name!r} {self._state.value} size={size}>"
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -307,8 +335,12 @@ class RefreshingCache(Generic[K, V]):
 
     # -- reads -----------------------------------------------------------------------------
 
+    def _entry(self, key: K) -> _Entry[V] | None:
+        entry = self._values.get(key)
+        return entry if entry is not None else self._negatives.get(key)
+
     def _peek_slow(self, key: K) -> V | NotLoaded | None:
-        entry = self._entries.get(key)
+        entry = self._entry(key)
         if entry is None:
             self._misses += 1
             return NOT_LOADED
@@ -385,7 +417,7 @@ class RefreshingCache(Generic[K, V]):
         logger.warning("cache.load_failed cache=%s key=%s error=%s", self.name, what, _kind(exc))
         if self._inflight.get(key) is fut:
             del self._inflight[key]
-            entry = self._entries.get(key)
+            entry = self._entry(key)
             if entry is not None:
                 retry_at = self._clock() + self.settings.retry_interval
                 self._store(key, _with_retry(entry, retry_at))
@@ -457,18 +489,20 @@ class RefreshingCache(Generic[K, V]):
             self._start_pending_reload()
 
     def _install(self, mapping: Mapping[K, V], started: float) -> None:
-        entries: dict[K, _Entry[V]] = {}
-        for key, entry in self._entries.items():
+        kept: list[tuple[K, _Entry[V]]] = []
+        for key, entry in itertools.chain(self._negatives.items(), self._values.items()):
             # Negatives of keys absent from the reload stay true; dirty keys were changed after
             # the reload read them, so the per-key path's value (if any) wins.
             if key in self._dirty or (entry.value is None and key not in mapping):
-                entries[key] = entry
+                kept.append((key, entry))
+        self._clear()
+        for key, entry in kept:
+            self._store(key, entry)
         for key, value in mapping.items():
             if key not in self._dirty and value is not None:
-                entries[key] = self._new_entry(value, started)
+                self._store(key, self._new_entry(value, started))
         self._full_reloads += 1
         self._last_full_reload = started
-        self._publish(entries)
 
     # -- invalidation ----------------------------------------------------------------------
 
@@ -478,60 +512,111 @@ class RefreshingCache(Generic[K, V]):
         self._inflight.pop(key, None)  # its waiters still get its result; it is not stored
         if self._running is not None:
             self._dirty.add(key)
-        entry = self._entries.get(key)
-        if entry is None:
-            return
-        entries = dict(self._entries)
-        del entries[key]
-        self._publish(entries)
-        if reload and entry.value is not None and self._state is CacheState.OPEN:
+        entry = self._drop(key)
+        known = entry is not None and entry.value is not None
+        if reload and known and self._state is CacheState.OPEN:
             self._start_load(key)
 
     def invalidate_if(self, predicate: Callable[[K, V | None], bool]) -> int:
-        """Forget every entry for which ``predicate(key, value)`` holds (value None: negative)."""
-        doomed = [k for k, e in self._entries.items() if predicate(k, e.value)]
+        """Forget every entry for which ``predicate(key, value)`` holds (value None: negative).
+
+        This walks every entry; to forget all negatives, ``invalidate_negatives`` costs O(1).
+        """
+        entries = itertools.chain(self._values.items(), self._negatives.items())
+        doomed = [k for k, e in entries if predicate(k, e.value)]
         for key in doomed:
             self.invalidate(key, reload=False)
         return len(doomed)
+
+    def invalidate_negatives(self) -> int:
+        """Forget every negative entry at once (O(1) however many); returns how many."""
+        dropped = len(self._negatives)
+        self._invalidations += dropped
+        if self._running is not None and dropped:
+            # What the running reload read may predate their creation: not reinstated.
+            self._dirty.update(self._negatives)
+        self._negatives = OrderedDict()
+        return dropped
 
     def invalidate_all(self) -> None:
         """Forget everything; loads in flight are not stored; a full reload starts if possible."""
         self._invalidations += 1
         self._epoch += 1
         self._inflight.clear()
-        self._publish({})
+        self._clear()
         if self._load_all is not None and self._state is CacheState.OPEN:
             self._request_reload()
 
     # -- snapshot maintenance --------------------------------------------------------------
 
     def _store(self, key: K, entry: _Entry[V]) -> None:
-        entries = dict(self._entries)
-        entries[key] = entry
-        self._publish(entries)
-
-    def _publish(self, entries: dict[K, _Entry[V]]) -> None:
-        """Swap in a new snapshot and the matching fresh view (never mutated afterwards)."""
-        now = self._clock()
-        fresh: dict[K, V] = {}
-        deadline = math.inf
-        for key, entry in entries.items():
-            if entry.value is not None and now < entry.fresh_until:
-                fresh[key] = entry.value
-                deadline = min(deadline, entry.fresh_until)
+        """Make ``entry`` the key's current one, in O(1) (plus its deadline in the heap)."""
+        if entry.value is None:
+            if self._values.pop(key, None) is not None:
+                self._fresh.pop(key, None)
+            store, bound = self._negatives, self.settings.max_negative
+            self._schedule(entry.expires_at, key, entry)
+        else:
+            self._negatives.pop(key, None)
+            store, bound = self._values, self.settings.max_entries
+            if self._clock() < entry.fresh_until:
+                self._fresh[key] = entry.value
+                self._schedule(entry.fresh_until, key, entry)
             else:
-                deadline = min(deadline, entry.expires_at)
-        self._entries = entries
-        self._next_deadline = deadline
-        self._hot.publish(fresh)
+                self._fresh.pop(key, None)
+                self._schedule(entry.expires_at, key, entry)
+        store[key] = entry
+        store.move_to_end(key)
+        while len(store) > bound:
+            evicted, _ = store.popitem(last=False)
+            if store is self._values:
+                self._fresh.pop(evicted, None)
+
+    def _drop(self, key: K) -> _Entry[V] | None:
+        entry = self._values.pop(key, None)
+        if entry is not None:
+            self._fresh.pop(key, None)
+            return entry
+        return self._negatives.pop(key, None)
+
+    def _clear(self) -> None:
+        self._values = OrderedDict()
+        self._negatives = OrderedDict()
+        self._fresh = {}
+        self._hot.publish(self._fresh)
+        self._deadlines = []
+
+    def _schedule(self, when: float, key: K, entry: _Entry[V]) -> None:
+        heap = self._deadlines
+        heapq.heappush(heap, (when, next(self._seq), key, entry))
+        if len(heap) > 2 * (len(self._values) + len(self._negatives)) + 1024:
+            self._compact_deadlines()
+
+    def _compact_deadlines(self) -> None:
+        """Rebuild the heap from the current entries (dropping replaced ones): amortised O(1)."""
+        now = self._clock()
+        heap = []
+        for key, entry in itertools.chain(self._values.items(), self._negatives.items()):
+            fresh = entry.value is not None and now < entry.fresh_until
+            heap.append((entry.fresh_until if fresh else entry.expires_at, 0, key, entry))
+        heap = [(when, next(self._seq), key, entry) for when, _, key, entry in heap]
+        heapq.heapify(heap)
+        self._deadlines = heap
 
     def _sweep(self) -> None:
-        """Demote entries past their TTL to stale and drop expired ones."""
+        """Demote entries past their TTL to stale and drop expired ones (only those)."""
         now = self._clock()
-        if now < self._next_deadline:
-            return
-        kept = {k: e for k, e in self._entries.items() if now < e.expires_at}
-        self._publish(kept)
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            _, _, key, entry = heapq.heappop(heap)
+            store = self._negatives if entry.value is None else self._values
+            if store.get(key) is not entry:
+                continue  # replaced, dropped or evicted since
+            if now < entry.expires_at:  # past its TTL: stale, served until it expires
+                self._fresh.pop(key, None)
+                heapq.heappush(heap, (entry.expires_at, next(self._seq), key, entry))
+            else:
+                self._drop(key)
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -550,8 +635,6 @@ class RefreshingCache(Generic[K, V]):
 
     def stats(self) -> dict[str, Any]:
         """JSON-serialisable counters; ``load_time`` in seconds, ``snapshot_age`` None if never."""
-        entries = self._entries
-        negatives = sum(1 for e in entries.values() if e.value is None)
         last = self._last_full_reload
         return {
             "name": self.name,
@@ -566,8 +649,8 @@ class RefreshingCache(Generic[K, V]):
             "invalidations": self._invalidations,
             "full_reloads": self._full_reloads,
             "full_reload_errors": self._full_reload_errors,
-            "size": len(entries) - negatives,
-            "negative_size": negatives,
+            "size": len(self._values),
+            "negative_size": len(self._negatives),
             "inflight": len(self._inflight) + (self._running is not None),
             "snapshot_age": None if last is None else round(self._clock() - last, 3),
         }

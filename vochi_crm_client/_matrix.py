@@ -271,9 +271,11 @@ class EnablementMatrix:
         number = change.enterprise_number
         self._numbers.invalidate(number)
         if change.integration_type == "*":
-            # Inserts, deletes and token changes all announce "*": forget this enterprise's
-            # tokens and every negative token (one of them may exist now).
-            self._tokens.invalidate_if(lambda _token, owner: owner is None or owner == number)
+            # Inserts, deletes and token changes all announce "*": forget every negative token
+            # (one of them may exist now; dropped at once, however many junk tokens there are)
+            # and then this enterprise's tokens (a walk over the known tokens only).
+            self._tokens.invalidate_negatives()
+            self._tokens.invalidate_if(lambda _token, owner: owner == number)
 
     # -- loaders (one query each) ----------------------------------------------------------
 

@@ -4,7 +4,9 @@
   module's account token (RetailCRM's ``accountUrl``) for an HttpOnly session cookie and redirects
   (303) to ``/retailcrm-admin/{n}/``, so the JWT does not stay in the address bar or history.
   ``POST /retailcrm-admin/login`` does the same, also accepting the form field ``clientId`` that
-  RetailCRM posts to ``accountUrl``. Each login opens a server-side session.
+  RetailCRM posts to ``accountUrl`` (only while the enterprise is active and the integration
+  enabled; unknown clientIds count against the caller's address like the callbacks' do). Each
+  login opens a server-side session.
 - ``POST /retailcrm-admin/logout``: ends the session on the server and clears the cookie.
 - ``GET /retailcrm-admin/api/me``: the session's enterprise and its CSRF token.
 - ``GET|PUT|DELETE /retailcrm-admin/api/config/{n}``, ``POST .../{n}/test``: the config API for
@@ -31,6 +33,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+from retailcrm_service.api.callbacks import client_config
 from retailcrm_service.api.config import check_number, config_body, test_body
 from retailcrm_service.api.http import read_form, read_json, validate
 from retailcrm_service.crm.connections import public_view
@@ -108,12 +111,17 @@ async def login_post(request: Request, runtime: RuntimeDep) -> Response:
     if token:
         return await _login_response(runtime, await _claims_from_link(runtime, token))
     form = await read_form(request, max_bytes=16 * 1024)
-    client_id = form.get("clientId")
-    config = (
-        await runtime.configs.find_by_client_id(client_id) if isinstance(client_id, str) else None
-    )
-    if config is None:
-        raise ApiError(401, "unauthorized", "unknown clientId", headers=_NO_STORE)
+    try:
+        config = await client_config(runtime, request, form.get("clientId"), "admin_login")
+    except ApiError as exc:
+        headers = {**(exc.headers or {}), **_NO_STORE}
+        raise ApiError(exc.status, exc.code, exc.message, headers=headers) from None
+    if not (config.active and config.enabled):
+        # The module's clientId opens a session only while the integration is on, as it does
+        # for the callbacks; an admin of a switched-off account uses a one-time link.
+        raise ApiError(
+            403, "disabled", "the RetailCRM integration is off for this account", headers=_NO_STORE
+        )
     version = await auth.current_version(runtime.pool, config.enterprise_number)
     claims = auth.AdminClaims(config.enterprise_number, version, "account", "", 0)
     return await _login_response(runtime, claims)

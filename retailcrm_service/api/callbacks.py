@@ -4,7 +4,8 @@ See docs/retailcrm.md#callbacks-from-retailcrm.
 
 ``GET|POST /retailcrm/make-call`` and ``GET|POST /retailcrm/status`` take their parameters from the
 query string or a form body. The module's ``clientId`` (a long random secret per enterprise,
-compared in constant time) identifies the enterprise: unknown -> 401 and nothing else happens.
+compared in constant time) identifies the enterprise: unknown -> 401 and nothing else happens;
+a source with too many unknown ones is refused for a while (429, ``security/auth_failures.py``).
 Each enterprise gets a token bucket (429 with ``Retry-After`` beyond it). Make-call answers at once;
 the originate runs over SSH in the background, owned by the Asterisk component, and its outcome
 goes to ``integration_logs``.
@@ -26,7 +27,7 @@ from retailcrm_service.api.config import check_number
 from retailcrm_service.api.http import read_form
 from retailcrm_service.errors import ApiError
 from retailcrm_service.runtime import Runtime, RuntimeDep
-from retailcrm_service.security.admin_auth import require_internal
+from retailcrm_service.security.admin_auth import caller_address, require_internal
 from retailcrm_service.telephony.asterisk_ssh import (
     InvalidArgument,
     validate_extension,
@@ -108,14 +109,10 @@ async def _params(request: Request) -> dict[str, str]:
 
 
 async def _enterprise(runtime: Runtime, request: Request, params: dict[str, str]) -> Any:
-    client_id = params.get("clientId", "")
-    config = await runtime.configs.find_by_client_id(client_id) if client_id else None
-    if config is None:
-        logger.warning("callbacks.unknown_client path=%s", request.url.path)
-        raise ApiError(401, "unauthorized", "unknown clientId")
+    config = await client_config(runtime, request, params.get("clientId"), "callback")
     if not (config.active and config.enabled):
         raise ApiError(403, "disabled", "the RetailCRM integration is off for this account")
-    wait = _limiter(request).take(client_id)
+    wait = _limiter(request).take(params["clientId"])
     if wait > 0:
         raise ApiError(
             429,
@@ -124,6 +121,30 @@ async def _enterprise(runtime: Runtime, request: Request, params: dict[str, str]
             headers={"Retry-After": str(max(1, math.ceil(wait)))},
         )
     return config
+
+
+async def client_config(
+    runtime: Runtime, request: Request, client_id: str | None, what: str
+) -> Any:
+    """The config whose module ``clientId`` this is; 401 when unknown (counted against the
+    caller's address), 429 instead while that address has failed too often.
+
+    A known clientId is served whatever its address's failures: RetailCRM's callbacks must not
+    stop because someone else sends junk from the same address (a proxy in front of nginx)."""
+    config = await runtime.configs.find_by_client_id(client_id) if client_id else None
+    if config is not None:
+        return config
+    source = caller_address(request)
+    wait = runtime.auth_failures.retry_after(source)
+    if wait > 0:
+        raise ApiError(
+            429,
+            "rate_limited",
+            "too many unknown clientIds from this address",
+            headers={"Retry-After": str(max(1, math.ceil(wait)))},
+        )
+    runtime.auth_failures.failed(source, what)
+    raise ApiError(401, "unauthorized", "unknown clientId")
 
 
 # --------------------------------------------------------------------------- make-call

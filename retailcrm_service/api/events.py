@@ -1,7 +1,10 @@
 """``POST /api/events`` (durable intake) and ``POST /api/events/replay`` (README.md's routes).
 
-The 202 is sent only after the accepted events are committed; a database failure answers 503
-``unavailable`` and nothing of that request is stored, so the caller may simply retry.
+The 202 is sent only after the accepted events are committed; a database failure, or no commit
+within ``OutboxConfig.commit_timeout`` (shorter than the call services' attempt timeout), answers
+503 ``unavailable`` and nothing of that request is stored, so the caller may simply retry. When
+more events already wait for a commit than the intake's bound, the answer is 503 ``overloaded``
+at once; both carry Retry-After.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from retailcrm_service.pipeline.intake import (
     Rejected,
     parse_events,
 )
-from retailcrm_service.pipeline.outbox import OutboxError
+from retailcrm_service.pipeline.outbox import OutboxError, OutboxFull
 from retailcrm_service.security.admin_auth import require_internal
 
 logger = logging.getLogger(__name__)
@@ -93,6 +96,13 @@ def _submit(request: Request, body: Any) -> tuple[Awaitable[list[bool]], list[di
 
 
 def _not_committed(exc: OutboxError) -> ApiError:
+    if isinstance(exc, OutboxFull):  # counted in /stats; one line per request would flood
+        return ApiError(
+            503,
+            "overloaded",
+            "too many events wait for storage; retry later",
+            headers={"Retry-After": "2"},
+        )
     logger.warning("events.not_committed error=%s", exc)
     return ApiError(
         503, "unavailable", "events not stored; retry later", headers={"Retry-After": "1"}

@@ -18,6 +18,7 @@ import json
 import logging
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -39,6 +40,13 @@ logger = logging.getLogger(__name__)
 
 MAX_EVENTS = 1000
 MAX_BODY_BYTES = 1024 * 1024
+# PostgreSQL refuses a UTC offset of 16 hours or more ("time zone displacement out of range");
+# Python accepts up to 24. Real offsets stay within -12:00..+14:00.
+MAX_UTC_OFFSET = timedelta(hours=16)
+# The idempotency key is indexed together with the enterprise number; a btree entry holds at most
+# 2704 bytes, and a longer key fails the whole INSERT it is part of. A dial's key grows with its
+# Extensions; a real one is a few dozen bytes.
+MAX_KEY_BYTES = 1024
 
 
 class BodyTooLarge(ValueError):
@@ -102,6 +110,12 @@ def validated(item: dict[str, Any]) -> StoredEvent:
         origin=item.get("origin"),
     )
     _check_storable(fields.call_unique_id, "call_unique_id")
+    _check_storable(fields.idempotency_key, "payload.Extensions")
+    if len(fields.idempotency_key.encode("utf-8")) > MAX_KEY_BYTES:
+        raise ValueError(
+            f"payload.Extensions are too many or too long: the event's key would be more than "
+            f"{MAX_KEY_BYTES} bytes"
+        )
     return StoredEvent(
         enterprise_number=item["enterprise_number"],
         event_type=item["event_type"],
@@ -109,7 +123,7 @@ def validated(item: dict[str, Any]) -> StoredEvent:
         payload=payload,
         origin=fields.origin,
         idempotency_key=fields.idempotency_key,
-        occurred_at=fields.occurred_at,
+        occurred_at=_storable_instant(fields.occurred_at, item.get("occurred_at")),
         payload_json=_payload_json(payload),
     )
 
@@ -135,6 +149,21 @@ def _check_storable(text: str, name: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise ValueError(f"{name} contains an invalid (surrogate) character") from None
+
+
+def _storable_instant(parsed: datetime | None, raw: Any) -> datetime | None:
+    """The instant in UTC, or ValueError for what PostgreSQL's timestamptz would refuse."""
+    if parsed is None:
+        return None
+    offset = parsed.utcoffset()
+    if offset is not None and abs(offset) >= MAX_UTC_OFFSET:
+        raise ValueError(f"occurred_at has an impossible UTC offset: {raw!r}")
+    # Stored in UTC: offsets with seconds or fractions, which Python accepts, are not valid
+    # PostgreSQL input, and the instant is all the outbox needs.
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00+01:00 is before year 1 in UTC
+        raise ValueError(f"occurred_at is out of range: {raw!r}") from None
 
 
 def _short(message: str) -> str:

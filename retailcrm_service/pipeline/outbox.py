@@ -52,6 +52,10 @@ class OutboxClosed(OutboxError):
     """The committer is not accepting events (not started, or shutting down)."""
 
 
+class OutboxFull(OutboxError):
+    """More events wait for a commit than ``OutboxConfig.max_queued_events``; nothing was queued."""
+
+
 @dataclass(frozen=True, slots=True)
 class StoredEvent:
     """One validated event, ready to be inserted."""
@@ -83,7 +87,15 @@ class OutboxConfig:
     retry: BackoffPolicy = field(default_factory=lambda: BackoffPolicy(base=1.0, cap=300.0))
     commit_max_events: int = 5000
     commit_concurrency: int = 1
-    commit_timeout: float = 10.0
+    # The longest a request waits for its commit, from its arrival, queueing included; past it
+    # the request is answered 503 and nothing of it is stored. It must stay below the call
+    # services' attempt timeout (the library's DispatchConfig.attempt_timeout, 2.5 s): the
+    # client then hears how its attempt ended before it gives up on it, so its retry never runs
+    # beside the original.
+    commit_timeout: float = 2.0
+    # At most this many events wait for a commit; a request that would exceed it is answered
+    # 503 with Retry-After at once, instead of piling up behind a slow database.
+    max_queued_events: int = 50_000
     retention_days: float = 7.0
 
     def __post_init__(self) -> None:
@@ -91,6 +103,8 @@ class OutboxConfig:
             raise ValueError("popup_ttl, lease_seconds and max_age must be positive")
         if self.max_attempts < 1 or self.commit_max_events < 1 or self.commit_concurrency < 1:
             raise ValueError("max_attempts, commit_max_events, commit_concurrency must be >= 1")
+        if self.commit_timeout <= 0 or self.max_queued_events < 1:
+            raise ValueError("commit_timeout must be positive and max_queued_events >= 1")
 
 
 # -- intake -------------------------------------------------------------------------------------
@@ -170,6 +184,7 @@ class _Pending:
     rows: list[str]
     keys: list[tuple[str, str]]
     done: asyncio.Future[list[bool]]
+    deadline: float  # loop time by which the request must have its answer
 
 
 class GroupCommitter:
@@ -194,6 +209,8 @@ class GroupCommitter:
         self.transactions = 0
         self.committed_events = 0
         self.failed_transactions = 0
+        self.refused_full = 0
+        self.timed_out_requests = 0
 
     async def __aenter__(self) -> GroupCommitter:
         self._tasks.open()
@@ -217,8 +234,9 @@ class GroupCommitter:
         and False when a duplicate, once they are committed.
 
         The events are encoded here and not referenced afterwards (see ``_Pending``). Raises
-        ``OutboxClosed`` at once when not accepting; the awaitable raises ``OutboxUnavailable``
-        when the transaction failed (nothing of it was stored).
+        ``OutboxClosed`` at once when not accepting and ``OutboxFull`` when too many events
+        already wait; the awaitable raises ``OutboxUnavailable`` when the transaction failed or
+        the commit did not happen within ``commit_timeout`` (nothing of it was stored).
         """
         loop = asyncio.get_running_loop()
         done: asyncio.Future[list[bool]] = loop.create_future()
@@ -227,9 +245,13 @@ class GroupCommitter:
             return done
         if not self._tasks.is_open or self._closing:
             raise OutboxClosed("the outbox is not accepting events")
+        if self._queued_events + len(events) > self._config.max_queued_events:
+            self.refused_full += 1
+            raise OutboxFull(f"more than {self._config.max_queued_events} events wait")
         rows = [encode_row(ev) for ev in events]
         keys = [(ev.enterprise_number, ev.idempotency_key) for ev in events]
-        self._queue.append(_Pending(rows, keys, done))
+        deadline = loop.time() + self._config.commit_timeout
+        self._queue.append(_Pending(rows, keys, done, deadline))
         self._queued_events += len(rows)
         self._wakeup.set()
         # Shielded: a caller that goes away does not cancel the commit others share.
@@ -241,6 +263,9 @@ class GroupCommitter:
             "committed_events": self.committed_events,
             "failed_transactions": self.failed_transactions,
             "queued_requests": len(self._queue),
+            "queued_events": self._queued_events,
+            "refused_full": self.refused_full,
+            "timed_out_requests": self.timed_out_requests,
         }
 
     async def _worker(self) -> None:
@@ -257,14 +282,15 @@ class GroupCommitter:
         commits skip the pool's acquire and its connection reset (a round trip each), and the
         next batch is sent before the waiters of the last one are answered."""
         try:
-            async with asyncio.timeout(self._config.commit_timeout):
+            async with asyncio.timeout_at(self._queue[0].deadline):
                 conn = await self._pool.acquire()
         except Exception as exc:  # DATABASE_ERRORS, or a bug: the waiters must hear either
             self._fail(self._take(), exc)
             return
         try:
             while self._queue:
-                if not await self._commit(conn, self._take()):
+                batch = self._take()
+                if batch and not await self._commit(conn, batch):
                     return  # after a failure the connection goes back (the pool checks it)
         finally:
             try:
@@ -280,12 +306,23 @@ class GroupCommitter:
         # instead of overlapping (measured: commits of 1500, 100, 1500, 100 events...).
         limit = min(self._config.commit_max_events, (self._last_batch + self._queued_events) // 2)
         batch: list[_Pending] = []
+        expired: list[_Pending] = []
         size = 0
+        now = asyncio.get_running_loop().time()
         while self._queue and (not batch or size < limit):
             item = self._queue.popleft()
+            self._queued_events -= len(item.rows)
+            if item.deadline <= now:  # its caller is owed an answer already: not committed
+                expired.append(item)
+                continue
             batch.append(item)
             size += len(item.rows)
-        self._queued_events -= size
+        if expired:
+            self.timed_out_requests += len(expired)
+            error = OutboxUnavailable("the events waited longer than commit_timeout")
+            for item in expired:
+                if not item.done.done():
+                    item.done.set_exception(error)
         self._last_batch = size
         return batch
 
@@ -295,10 +332,11 @@ class GroupCommitter:
             for key, row in zip(item.keys, item.rows, strict=True):
                 unique.setdefault(key, row)
         try:
-            # A request must not hang on a database that stopped answering: past the deadline
-            # the caller gets an error and retries (duplicates are harmless). One statement is
-            # one atomic transaction: no BEGIN/COMMIT round trips.
-            async with asyncio.timeout(self._config.commit_timeout):
+            # A request must not hang on a database that stopped answering: by the deadline of
+            # the oldest request in the batch every caller gets an error and retries
+            # (duplicates are harmless). One statement is one atomic transaction: no
+            # BEGIN/COMMIT round trips.
+            async with asyncio.timeout_at(min(item.deadline for item in batch)):
                 new = await insert_rows(conn, unique, popup_ttl=self._config.popup_ttl)
         except Exception as exc:  # DATABASE_ERRORS, or a bug: the waiters must hear either
             self._fail(batch, exc)
@@ -316,6 +354,8 @@ class GroupCommitter:
         return True
 
     def _fail(self, batch: list[_Pending], exc: BaseException) -> None:
+        if not batch:
+            return
         self.failed_transactions += 1
         events = sum(len(item.rows) for item in batch)
         if isinstance(exc, (*DATABASE_ERRORS, OutboxClosed)):

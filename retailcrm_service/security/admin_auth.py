@@ -5,6 +5,8 @@ FastAPI dependencies:
 - ``require_internal``: loopback callers; others only with ``X-Internal-Token`` equal (constant
   time) to ``RETAILCRM_INTERNAL_TOKEN`` when that is set. Behind our nginx the caller is the
   ``X-Real-IP`` nginx sets (it overwrites any client value): remote clients never pass as loopback.
+  Nobody is internal on the public side (a request that arrived on ``RETAILCRM_PUBLIC_PORT``,
+  marked by ``app._Sides``): behind a proxy on the same host every caller there is loopback.
 - ``require_admin``: an admin session JWT (HS256 with ``RETAILCRM_JWT_SECRET``) from
   ``Authorization: Bearer`` or the ``retailcrm_admin_session`` cookie; bound to one enterprise
   (``sub``) and to its current token version (``ver``). Missing/forged/expired/revoked -> 401;
@@ -280,7 +282,17 @@ def caller_address(request: Request) -> str | None:
     return peer
 
 
+PUBLIC_SIDE = "retailcrm.public_side"
+"""ASGI scope key: set (True) on requests that arrived on the public port."""
+
+
+def is_public_side(request: Request) -> bool:
+    return bool(request.scope.get(PUBLIC_SIDE))
+
+
 def is_internal(request: Request, settings: Settings) -> bool:
+    if is_public_side(request):
+        return False
     token = settings.internal_token
     presented = request.headers.get("x-internal-token")
     if token is not None and presented is not None:

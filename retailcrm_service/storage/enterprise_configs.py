@@ -24,6 +24,7 @@ Stored shape of ``integrations_config.retailcrm`` (keys we own, besides the plat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -38,7 +39,7 @@ import asyncpg
 from retailcrm_service.crm.mapping import DEFAULT_TIMEZONE
 from retailcrm_service.security.key_crypto import DecryptionError, decrypt_api_key
 from retailcrm_service.security.secrets import Secret
-from vochi_crm_client import CacheSettings, RefreshingCache, enabled_sql
+from vochi_crm_client import CacheSettings, LoadError, RefreshingCache, StateError, enabled_sql
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +189,7 @@ class ConfigCache:
         # clientIds found on several enterprises (a config copied by hand): they identify no one.
         self._shared_clients: set[bytes] = set()
         self._known: set[str] = set()
+        self._prefetches: set[asyncio.Task[None]] = set()
         self.cache: RefreshingCache[str, RetailCrmConfig] = RefreshingCache(
             load_one=self._load_one,
             load_all=self._load_all,
@@ -203,6 +205,9 @@ class ConfigCache:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
+        for task in list(self._prefetches):
+            task.cancel()
+        await asyncio.gather(*self._prefetches, return_exceptions=True)
         await self.cache.__aexit__(*exc_info)
 
     # -- loaders ------------------------------------------------------------------------------
@@ -287,11 +292,24 @@ class ConfigCache:
         return len(self._known)
 
     def invalidate(self, number: str | None = None) -> None:
-        """NOTIFY hook: one enterprise (reloaded in the background), or everything."""
+        """NOTIFY hook: one enterprise (reloaded in the background), or everything.
+
+        The enterprise is reloaded even when it was not cached (a first RetailCRM config, a
+        negative entry): its clientId, created by whichever instance saved the config, must
+        reach ``find_by_client_id`` here now, not at the next full reload minutes later.
+        """
         if number is None or number == "*":
             self.cache.invalidate_all()
-        else:
-            self.cache.invalidate(number)
+            return
+        self.cache.invalidate(number, reload=False)
+        task = asyncio.get_running_loop().create_task(self._prefetch(number))
+        self._prefetches.add(task)
+        task.add_done_callback(self._prefetches.discard)
+
+    async def _prefetch(self, number: str) -> None:
+        # A failure is counted and logged by the cache; the next read retries.
+        with contextlib.suppress(LoadError, StateError):
+            await self.cache.get(number)
 
     def stats(self) -> dict[str, Any]:
         stats = self.cache.stats()

@@ -58,6 +58,9 @@ DEFAULT_CACHE = CacheSettings(
     retry_interval=5.0,
     load_timeout=10.0,
     sweep_interval=1.0,
+    # One entry per (enterprise, caller): bounded, callers' numbers are unbounded.
+    max_entries=50_000,
+    max_negative=20_000,
 )
 MAX_NAME_CHARS = 48
 _TRUNK_RE = re.compile(r"[A-Za-z0-9_-]{1,40}")
@@ -346,7 +349,9 @@ class InternalPhones(_Cached):
 class EnterpriseTokens(_Cached):
     """The dialplan's ``Token`` header -> ``enterprises.number`` (name2, secret or number).
 
-    Unknown tokens are cached negatively, so junk tokens cannot hammer the database.
+    Unknown tokens are cached negatively, so junk tokens cannot hammer the database; the
+    negative entries are bounded, and a flood of them costs O(1) per token.
+    ``forget(number)`` is the change hook: an enterprise's tokens changed (or it was added).
     """
 
     def __init__(
@@ -371,6 +376,11 @@ class EnterpriseTokens(_Cached):
 
     async def _load(self, token: str) -> str | None:
         return await enterprise_for_token(self._pool, token)
+
+    def forget(self, enterprise_number: str) -> None:
+        """Drop every negative token (one may name the enterprise now) and the enterprise's."""
+        self._cache.invalidate_negatives()
+        self._cache.invalidate_if(lambda _token, owner: owner == enterprise_number)
 
     async def resolve(self, token: str) -> str | None:
         token = token.strip()

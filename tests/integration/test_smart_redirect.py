@@ -210,3 +210,24 @@ async def test_the_dialplan_token_may_be_name2_secret_or_number(
     assert len({r.text for r in replies}) == 1
     assert all(r.status_code == 200 for r in replies)
     assert json.loads(replies[0].text)["DialPlan"] is not None
+
+
+async def test_a_token_unknown_until_it_is_given_to_an_enterprise_resolves_at_once(
+    db: asyncpg.Connection, database_url: str
+) -> None:
+    """The dialplan's Token cache follows token changes (NOTIFY "*"): a negative entry does not
+    outlive the change that makes the token valid."""
+    key = secrets.token_hex(16)
+    fresh = "new-token-" + secrets.token_hex(8)
+    async with sandbox(key, manager=MANAGER, customer=CUSTOMER) as crm:
+        await add_enterprise(db, "0367", crm, key, extensions={"7": "150"})
+        async with service(database_url) as stack:
+            assert (await getcustomerdata(stack, fresh)).status_code == 401  # cached negatively
+            await db.execute("UPDATE enterprises SET name2 = $1 WHERE number = '0367'", fresh)
+            for _ in range(100):  # far shorter than the 30 s negative TTL
+                reply = await getcustomerdata(stack, fresh)
+                if reply.status_code == 200:
+                    break
+                await asyncio.sleep(0.05)
+    assert reply.status_code == 200
+    assert json.loads(reply.text)["DialPlan"] is not None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from starlette.requests import Request
 
-from retailcrm_service.security.admin_auth import caller_address, is_internal
+from retailcrm_service.security.admin_auth import PUBLIC_SIDE, caller_address, is_internal
 from retailcrm_service.security.secrets import Secret
 from retailcrm_service.settings import Settings
 
@@ -86,6 +86,15 @@ def test_a_wrong_internal_token_is_refused_even_from_loopback() -> None:
 def test_internal_token_prefixes_and_case_changes_are_refused() -> None:
     for guess in (INTERNAL[:-1], INTERNAL + "x", INTERNAL.upper(), " " + INTERNAL):
         assert not is_internal(_request("198.51.100.1", [("X-Internal-Token", guess)]), SETTINGS)
+
+
+def test_nobody_is_internal_on_the_public_side() -> None:
+    """Behind a proxy on the same host every public caller is loopback; the port decides."""
+    for headers in ([], [("X-Real-IP", "127.0.0.1")], [("X-Internal-Token", INTERNAL)]):
+        request = _request("127.0.0.1", headers)
+        request.scope[PUBLIC_SIDE] = True
+        assert not is_internal(request, SETTINGS)
+        assert not is_internal(request, PLAIN)
 
 
 def test_settings_repr_and_str_hide_every_secret() -> None:

@@ -67,6 +67,15 @@ def test_invalid_values_are_refused(name: str, value: str, tmp_path: Path) -> No
         Settings.from_env({**BASE, "RETAILCRM_DATA_DIR": str(tmp_path), name: value})
 
 
+@pytest.mark.parametrize("value", ["0", "70000", "abc", "8019"])
+def test_a_bad_public_port_is_refused_naming_its_variable(value: str, tmp_path: Path) -> None:
+    env = {**BASE, "RETAILCRM_DATA_DIR": str(tmp_path), "RETAILCRM_PUBLIC_PORT": value}
+    with pytest.raises(ValueError, match="RETAILCRM_PUBLIC_PORT"):
+        Settings.from_env(env)
+    assert Settings.from_env({**env, "RETAILCRM_PUBLIC_PORT": "8020"}).public_port == 8020
+    assert Settings.from_env({**BASE, "RETAILCRM_DATA_DIR": str(tmp_path)}).public_port is None
+
+
 def test_secrets_are_masked_in_repr_and_str(tmp_path: Path) -> None:
     s = Settings.from_env(
         {
