@@ -23,10 +23,13 @@ Methods: ``get_integration_module``, ``edit_integration_module``, ``call_event``
 
 from __future__ import annotations
 
+import email.utils
 import json
 import logging
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -315,13 +318,34 @@ def _interpret(response: httpx.Response, path: str) -> dict[str, Any]:
     raise kind(error_msg, status=status, method=path, error_msg=error_msg, errors=errors)
 
 
-def _retry_after(raw: str | None) -> float | None:
+# The longest Retry-After honoured: a longer one is a server's mistake, and obeying it would park
+# a call's rows for as long as it says (the delivery's retries are capped the same way).
+RETRY_AFTER_CAP = 300.0
+
+
+def _retry_after(raw: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP-date, RFC 9110
+    §10.2.3), at most ``RETRY_AFTER_CAP``; None when absent or unusable. Only ASCII digits count
+    as seconds: ``float()`` would also take ``inf``, ``nan`` and ``1e12``."""
     if not raw:
         return None
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
+    value = raw.strip()
+    if value.isascii() and value.isdigit():
+        seconds = float(value)  # hundreds of digits overflow to inf: refused below
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        try:
+            seconds = max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+        except OverflowError:
+            return None
+    if not math.isfinite(seconds):
         return None
+    return min(seconds, RETRY_AFTER_CAP)
 
 
 def _list_params(filters: Mapping[str, Any] | None, limit: int, page: int) -> dict[str, Any]:

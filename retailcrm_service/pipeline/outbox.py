@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -599,8 +600,9 @@ class OutboxStore:
         return age >= self.config.max_age
 
     def _retry_delay(self, row: OutboxRow, outcome: Outcome) -> float:
-        if outcome.retry_after is not None:
-            return max(0.0, outcome.retry_after)
+        if outcome.retry_after is not None and math.isfinite(outcome.retry_after):
+            # Never past the longest backoff: a server's hint must not park a row for years.
+            return min(max(0.0, outcome.retry_after), self.config.retry.cap)
         return delay(max(1, row.attempts), self.config.retry, self._rng)
 
     # -- observability and replay -----------------------------------------------------------
