@@ -490,9 +490,13 @@ class _Sender:
             self._service._count(self._number).calls_uploaded += len(rows)
             return [Outcome(row, "delivered") for row in rows]
         if len(rows) > 1 and error[0].result == "dead":
-            # One bad call must not sink its batch: find it by sending them one by one.
+            # One bad call must not sink its batch: find it by sending them one by one, within
+            # the same lease budget as every other request (what is left is handed back).
             outcomes: list[Outcome] = []
-            for row, call in zip(rows, calls, strict=True):
+            for index, (row, call) in enumerate(zip(rows, calls, strict=True)):
+                if self.out_of_time():
+                    outcomes.extend(_released(rows[index:]))
+                    break
                 outcomes.extend(await self._upload([row], [call]))
             return outcomes
         return error

@@ -240,3 +240,27 @@ async def test_a_row_the_mapping_cannot_convert_is_dead_lettered_and_the_rest_de
     uploaded = {c["externalId"] for c in crm.state()["accounts"]["test"]["calls"]}
     assert "7.1" in uploaded
     assert "7.2" not in uploaded
+
+
+async def test_one_by_one_retry_of_a_rejected_batch_hands_back_what_the_lease_cannot_cover(
+    pool: asyncpg.Pool, db: asyncpg.Connection, crm: SandboxServer
+) -> None:
+    """A refused batch is retried call by call; that retry stops at the lease budget and hands
+    the rest back, so another instance never takes rows this one is still sending."""
+    await add_enterprise(db, crm.url, crm.api_key)
+    crm.add_fault(endpoint="telephony/calls/upload", mode="error", status=400, times=1)
+    crm.add_fault(endpoint="telephony/calls/upload", mode="latency", latency_ms=300)
+    config = DeliveryConfig(poll_interval=0.05, sweep_interval=0.2)
+    outbox = OutboxConfig(lease_seconds=1.0, retry=BackoffPolicy(base=0.05, cap=0.2))
+    one, two = (
+        DeliveryService(pool=pool, configs=Configs(pool), config=config, outbox=outbox)
+        for _ in range(2)
+    )
+    async with one, two, GroupCommitter(pool=pool, on_commit=one.wake) as committer:
+        await committer.submit([_hangup(f"8.{i}", f"2025-11-26 10:0{i}:00") for i in range(6)])
+        await _until(lambda: _settled(db), timeout=30)
+    assert [r["state"] for r in await _rows(db)] == ["delivered"] * 6
+    calls = crm.state()["accounts"]["test"]["calls"]
+    assert sorted(c["externalId"] for c in calls) == [f"8.{i}" for i in range(6)]
+    # each call was uploaded by one instance only: no re-upload after a lapsed lease
+    assert [c["duplicates"] for c in calls] == [0] * 6
