@@ -9,8 +9,10 @@ account gets at most one request in flight from this instance). Popups go out on
 Failures: a 503/429 slows the API key down (``Pacer.penalise``) and retries soon; connection
 errors, timeouts and 5xx feed the enterprise's breaker (``vochi_crm_client._breaker``) and retry
 with persisted backoff; while the breaker is open rows are deferred without using up attempts;
-other 4xx answers are final (dead-lettered: retrying cannot fix them). Every attempt is written
-to ``integration_logs`` with the call's ``call_unique_id`` (secrets masked by the writer).
+other 4xx answers are final (dead-lettered: retrying cannot fix them). An enterprise whose API key
+does not decrypt on this instance has its rows deferred (never skipped) until it does. Every
+attempt is written to ``integration_logs`` with the call's ``call_unique_id`` (secrets masked by
+the writer).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ logger = logging.getLogger(__name__)
 
 CALL_EVENT = "telephony/call/event"
 CALLS_UPLOAD = "telephony/calls/upload"
+_KEY_UNREADABLE = "API key cannot be decrypted (RETAILCRM_SECRET_KEY)"
 
 
 class ConfigSource(Protocol):
@@ -90,6 +93,7 @@ class DeliveryConfig:
     sweep_interval: float = 1.0
     instance_ttl: float = 5.0
     rate_limit_retry: float = 1.0
+    key_unreadable_retry: float = 10.0
     upload_batch: int = 50
     request_timeout: float = 3.0
     close_timeout: float = 5.0
@@ -253,7 +257,15 @@ class DeliveryService:
     def stats(self) -> dict[str, Any]:
         totals = EnterpriseCounters()
         for c in self._counters.values():
-            for name in ("delivered", "failed", "expired", "superseded", "dead", "skipped"):
+            for name in (
+                "delivered",
+                "failed",
+                "expired",
+                "superseded",
+                "dead",
+                "skipped",
+                "deferred",
+            ):
                 setattr(totals, name, getattr(totals, name) + getattr(c, name))
             totals.latencies.extend(c.latencies)
         return {
@@ -352,6 +364,12 @@ class DeliveryService:
         settle: Callable[[list[Outcome]], Awaitable[None]],
     ) -> None:
         config = await self._configs.get(number)
+        if config is not None and getattr(config, "key_unreadable", False):
+            # Switched on, but the key does not decrypt here: the rows wait (no attempt spent)
+            # until the key can be read or the admin changes the config; /health says why.
+            wait = self.config.key_unreadable_retry
+            await settle([Outcome(row, "deferred", _KEY_UNREADABLE, wait) for row in rows])
+            return
         if config is None or not getattr(config, "is_on", False):
             reason = "unknown enterprise" if config is None else "retailcrm disabled"
             await settle([Outcome(row, "skipped", reason) for row in rows])
