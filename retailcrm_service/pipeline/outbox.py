@@ -490,6 +490,17 @@ class OutboxStore:
         )
         return [OutboxRow.from_record(r) for r in rows]
 
+    async def extend(self, ids: Sequence[int]) -> int:
+        """Renew this owner's leases on those of ``ids`` still pending; returns how many."""
+        result = await self._pool.execute(
+            """UPDATE retailcrm_outbox SET lease_until = now() + make_interval(secs => $3)
+                WHERE id = ANY($2::bigint[]) AND lease_owner = $1 AND state = 'pending'""",
+            self.owner,
+            list(ids),
+            self.config.lease_seconds,
+        )
+        return int(result.split()[-1])
+
     async def sweep(self) -> dict[str, list[str]]:
         """Expire stale popups and supersede failed dials; returns enterprises per outcome."""
         async with self._pool.acquire() as conn, conn.transaction():
