@@ -5,6 +5,9 @@
 one task per enterprise (so one slow or failing account never holds up the others, and each
 account gets at most one request in flight from this instance). Popups go out one by one as
 ``telephony/call/event``; history goes out as ``telephony/calls/upload`` in batches of up to 50.
+No request starts after half the lease (the wait for the key's pacer slot included; what is left
+is handed back unsent), and the leases are extended while a request is in flight, so no other
+instance takes rows this one may still send.
 
 Failures: a 503/429 slows the API key down (``Pacer.penalise``) and retries soon; connection
 errors, timeouts and 5xx feed the enterprise's breaker (``vochi_crm_client._breaker``) and retry
