@@ -24,6 +24,7 @@ which answers 503 when that part is not running (tests start only the parts they
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Collection
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -271,6 +272,8 @@ async def open_runtime(
                     statuses=runtime.statuses,
                     tokens=tokens,
                     pacer=pacer,
+                    token_rate=settings.dialplan_rps,
+                    token_burst=max(1, math.ceil(2 * settings.dialplan_rps)),
                 )
             )
             _stats_source(stack, metrics, "smart_redirect", runtime.smart_redirect.stats)

@@ -28,6 +28,7 @@ in the error (``SettingsError``); command-line flags are applied over it by the 
 | ``RETAILCRM_DELIVERY_BREAKER_OPEN_MAX`` | ``60`` | longest open period of an account's breaker |
 | ``RETAILCRM_PACING_GENERAL_RPS`` | ``8`` | requests/s per API key (RetailCRM allows 10) |
 | ``RETAILCRM_PACING_TELEPHONY_RPS`` | ``32`` | telephony requests/s per key (RetailCRM: 40) |
+| ``RETAILCRM_DIALPLAN_RPS`` | ``20`` | dialplan lookups/s per enterprise (bursts of twice that) |
 | ``RETAILCRM_SSH_USER`` | ``root`` | SSH user on Asterisk hosts |
 | ``RETAILCRM_SSH_KEY`` | unset: the agent's/default keys | private key file |
 | ``RETAILCRM_SSH_KNOWN_HOSTS`` | ``~/.ssh/known_hosts`` | host keys (unknown keys are refused) |
@@ -180,6 +181,7 @@ class Settings:
     module_code: str = "vochi-telephony"
     module_name: str = "Vochi-CRM"
     retailcrm_timeout: float = 3.0
+    dialplan_rps: float = 20.0
     admin_session_ttl_seconds: int = 12 * 3600
     admin_session_idle_seconds: int = 2 * 3600
     db_pool_min_size: int = 1
@@ -202,6 +204,8 @@ class Settings:
             raise ValueError("log_retention_days must be >= 0")
         if self.retailcrm_timeout <= 0:
             raise ValueError("retailcrm_timeout must be > 0")
+        if not 0 < self.dialplan_rps < math.inf:
+            raise ValueError("dialplan_rps must be a positive number")
         if not 0 < self.db_pool_min_size <= self.db_pool_max_size:
             raise ValueError("db pool sizes must satisfy 0 < min <= max")
         if self.public_url:
@@ -245,6 +249,7 @@ class Settings:
             log_retention_days=_int(env, "RETAILCRM_LOG_RETENTION_DAYS", 30),
             module_code=env.get("RETAILCRM_MODULE_CODE", "").strip() or "vochi-telephony",
             retailcrm_timeout=_float(env, "RETAILCRM_API_TIMEOUT", 3.0),
+            dialplan_rps=_positive(env, "RETAILCRM_DIALPLAN_RPS", 20.0),
             asterisk=asterisk_from(env),
             pipeline=pipeline_from(env),
         )
@@ -257,6 +262,7 @@ _FIELD_VARIABLES = {
     "jwt_secret": "RETAILCRM_JWT_SECRET",
     "log_retention_days": "RETAILCRM_LOG_RETENTION_DAYS",
     "retailcrm_timeout": "RETAILCRM_API_TIMEOUT",
+    "dialplan_rps": "RETAILCRM_DIALPLAN_RPS",
     "public_url": "RETAILCRM_PUBLIC_URL",
 }
 

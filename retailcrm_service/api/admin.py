@@ -373,14 +373,23 @@ async def replay(
     chosen = [v for v in (body.id, body.call_unique_id, body.since) if v is not None]
     if len(chosen) != 1:
         raise ApiError(422, "validation_error", "give exactly one of id, call_unique_id and since")
-    count = await runtime.need_events().replay(
+    result = await runtime.need_events().replay(
         enterprise_number=enterprise_number,
         event_id=body.id,
         call_unique_id=body.call_unique_id,
         since=body.since,
     )
-    logger.info("admin.replay enterprise=%s events=%d", enterprise_number, count)
-    return {"enterprise_number": enterprise_number, "replayed": count}
+    logger.info(
+        "admin.replay enterprise=%s events=%d leased=%d",
+        enterprise_number,
+        result.replayed,
+        result.leased,
+    )
+    return {
+        "enterprise_number": enterprise_number,
+        "replayed": result.replayed,
+        "leased": result.leased,
+    }
 
 
 @router.get("/retailcrm-admin/api/diagnostics/{enterprise_number}")

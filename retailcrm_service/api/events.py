@@ -114,13 +114,16 @@ async def replay_events(request: Request) -> dict[str, Any]:
     """Re-deliver one event (``id`` or ``idempotency_key``) or an enterprise's failed events.
 
     Body: ``{"enterprise_number", "id"? | "idempotency_key"? | "since"? (ISO-8601),
-    "states"? (default dead, expired, superseded)}``.
+    "states"? (default dead, expired, superseded)}``. Answer: ``{"replayed": n, "leased": m}``,
+    ``leased`` counting matching rows a worker is sending right now (left alone; replay them
+    again once they settle).
     """
     body = await read_json(request, max_bytes=64 * 1024)
     if not isinstance(body, dict):
         raise ApiError(422, "validation_error", "the body must be a JSON object")
     fields = _replay_fields(body)
-    return {"replayed": await pipeline(request).replay(**fields)}
+    result = await pipeline(request).replay(**fields)
+    return {"replayed": result.replayed, "leased": result.leased}
 
 
 def _replay_fields(body: dict[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 The ``/api/`` aliases are what nginx exposes as ``/retailcrm/api/health`` etc.
 ``/health`` answers ``{"status": "ok"|"degraded", "reasons": [...]}`` with the state of the
-database, the NOTIFY listener and the config cache; HTTP 503 only when the database is unreachable.
+database, the NOTIFY listener, the config cache and the API keys (how many enterprises' keys this
+instance cannot decrypt; which ones is in ``/stats``); HTTP 503 only when the database is
+unreachable.
 """
 
 from __future__ import annotations
@@ -60,6 +62,17 @@ def _cache(runtime: Runtime) -> tuple[dict[str, Any], str | None]:
     return info, None
 
 
+def _keys(runtime: Runtime) -> tuple[dict[str, Any], str | None]:
+    unreadable = runtime.configs.unreadable_keys()
+    info = {"ok": not unreadable, "unreadable": len(unreadable)}
+    if unreadable:
+        return info, (
+            f"the API key of {len(unreadable)} enterprise(s) cannot be decrypted"
+            " (RETAILCRM_SECRET_KEY wrong or missing); their events wait"
+        )
+    return info, None
+
+
 async def _outbox(runtime: Runtime) -> dict[str, Any]:
     """Backlog and oldest due event of the durable outbox; {} when not running."""
     events = runtime.events
@@ -76,14 +89,16 @@ async def _health(runtime: Runtime) -> JSONResponse:
     database, db_reason = await _database(runtime)
     listener, listener_reason = _listener(runtime)
     cache, cache_reason = _cache(runtime)
+    keys, keys_reason = _keys(runtime)
     outbox = await _outbox(runtime)
-    reasons = [r for r in (db_reason, listener_reason, cache_reason) if r]
+    reasons = [r for r in (db_reason, listener_reason, cache_reason, keys_reason) if r]
     body = {
         "status": "degraded" if reasons else "ok",
         "reasons": reasons,
         "database": database,
         "listener": listener,
         "cache": cache,
+        "api_keys": keys,
         "outbox": outbox,
     }
     # 503 only when the database is gone: a missing listener or cache still serves requests.

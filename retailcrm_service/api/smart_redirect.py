@@ -161,6 +161,9 @@ async def getcustomerdata(request: Request, runtime: RuntimeDep) -> Response:
         return _dialplan_error(401, "unauthorized", "unknown Token")
     if phone is None:
         return _dialplan_error(422, "validation_error", "Phone is required")
+    if not smart.admit(number):
+        # Fail open at once: the call goes on without a redirect, and no lookup is started.
+        return _dialplan_error(429, "rate_limited", "too many requests for this Token")
     decision = await smart.decide(number, phone, trunk=trunk)
     _journal(runtime, decision, phone, unique_id)
     return Response(decision.as_reply(), media_type="application/json")

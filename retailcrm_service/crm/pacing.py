@@ -11,11 +11,15 @@ last penalty. Keys are held as digests, never as the secret itself.
 
 Two lanes share each bucket. Smart redirect's lookups are on the real-time path of an incoming
 call (the dialplan waits at most ~300 ms), delivery is durable and can wait: ``acquire(...,
-interactive=True)`` waiters get the bucket's next slot before any ordinary waiter, so a lookup
-waits at most about one slot interval however much delivery is queued on the same key. Slots are
-only taken when granted (waiters queue, nobody reserves the future), so both lanes together never
-exceed the bucket's rate, and a cancelled waiter (a lookup past its deadline) leaves nothing
-behind. With no interactive waiter, ordinary waiters get the whole budget.
+interactive=True)`` waiters get the bucket's next slot before any ordinary waiter, but only up to
+``interactive_share`` of the slots while ordinary waiters queue (with the default 0.5, at most one
+interactive grant in a row passes a waiting ordinary one). So a lookup waits at most about two
+slot intervals however much delivery is queued on the same key, and however many lookups arrive,
+delivery keeps at least the rest of the key's budget: a flood of distinct callers cannot stall a
+key's delivery until its leases lapse. Slots are only taken when granted (waiters queue, nobody
+reserves the future), so both lanes together never exceed the bucket's rate, and a cancelled
+waiter (a lookup past its deadline) leaves nothing behind. With no waiter in the other lane,
+either lane gets the whole budget.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class PacingConfig:
     slowdown_factor: float = 0.5
     min_fraction: float = 0.125
     recovery_seconds: float = 10.0
+    interactive_share: float = 0.5
 
     def __post_init__(self) -> None:
         if self.general_rps <= 0 or self.telephony_rps <= 0:
@@ -51,6 +56,15 @@ class PacingConfig:
             raise ValueError("min_fraction must be in (0, 1]")
         if self.recovery_seconds <= 0:
             raise ValueError("recovery_seconds must be positive")
+        if not 0 < self.interactive_share <= 1:
+            raise ValueError("interactive_share must be in (0, 1]")
+
+    @property
+    def interactive_streak(self) -> int:
+        """Interactive grants allowed in a row while ordinary waiters queue (share k/(k+1))."""
+        if self.interactive_share >= 1:
+            return 1 << 62
+        return max(1, int(self.interactive_share / (1 - self.interactive_share) + 1e-9))
 
 
 def is_telephony(method: str) -> bool:
@@ -68,14 +82,17 @@ _EPSILON = 1e-9
 
 
 class _Bucket:
-    """One GCRA bucket and its waiters: interactive first, then ordinary, each in FIFO order."""
+    """One GCRA bucket and its waiters: interactive first (up to ``max_streak`` grants in a row
+    while ordinary waiters queue), then ordinary, each in FIFO order."""
 
-    __slots__ = ("interactive", "ordinary", "tat")
+    __slots__ = ("interactive", "max_streak", "ordinary", "streak", "tat")
 
-    def __init__(self) -> None:
+    def __init__(self, max_streak: int) -> None:
         self.tat = float("-inf")
         self.interactive: deque[asyncio.Event] = deque()
         self.ordinary: deque[asyncio.Event] = deque()
+        self.max_streak = max_streak
+        self.streak = 0  # interactive grants since the last ordinary one, while ordinary waited
 
     def wait_for_slot(self, now: float, interval: float, burst: int) -> float:
         """How long until the next slot is free (0 when it is free now); takes nothing."""
@@ -94,7 +111,18 @@ class _Bucket:
         """Whether ``waiter`` (None: a newcomer) is first in line for the next slot."""
         queue = self.interactive if interactive else self.ordinary
         first = queue[0] if queue else None
-        return first is waiter and (interactive or not self.interactive)
+        if first is not waiter:
+            return False
+        if interactive:
+            return not self.ordinary or self.streak < self.max_streak
+        return not self.interactive or self.streak >= self.max_streak
+
+    def granted(self, interactive: bool) -> None:
+        """Count a grant for the lanes' shares."""
+        if not interactive:
+            self.streak = 0
+        elif self.ordinary:
+            self.streak += 1
 
     def wake(self) -> None:
         """The line moved (a grant, a cancellation): let the first of each lane look again."""
@@ -106,9 +134,9 @@ class _Bucket:
 class _KeyState:
     __slots__ = ("fraction", "general", "penalised_at", "penalties", "telephony")
 
-    def __init__(self) -> None:
-        self.general = _Bucket()
-        self.telephony = _Bucket()
+    def __init__(self, max_streak: int) -> None:
+        self.general = _Bucket(max_streak)
+        self.telephony = _Bucket(max_streak)
         self.fraction = 1.0
         self.penalised_at = float("-inf")
         self.penalties = 0
@@ -159,6 +187,7 @@ class Pacer:
         state = self._state(api_key)
         bucket = self._bucket(state, method)
         if bucket.may_go(None, interactive) and self._try_take(state, bucket, method) <= 0:
+            bucket.granted(interactive)
             return
         waiter = asyncio.Event()
         queue = bucket.interactive if interactive else bucket.ordinary
@@ -172,6 +201,7 @@ class Pacer:
                 delay = self._try_take(state, bucket, method)
                 if delay <= 0:
                     queue.popleft()
+                    bucket.granted(interactive)
                     return
                 await self._sleep(delay)
         finally:
@@ -203,7 +233,7 @@ class Pacer:
         name = key_id(api_key)
         state = self._keys.get(name)
         if state is None:
-            state = self._keys[name] = _KeyState()
+            state = self._keys[name] = _KeyState(self._config.interactive_streak)
         return state
 
     def _bucket(self, state: _KeyState, method: str) -> _Bucket:

@@ -5,12 +5,17 @@
 one task per enterprise (so one slow or failing account never holds up the others, and each
 account gets at most one request in flight from this instance). Popups go out one by one as
 ``telephony/call/event``; history goes out as ``telephony/calls/upload`` in batches of up to 50.
+No request starts after half the lease (the wait for the key's pacer slot included; what is left
+is handed back unsent), and the leases are extended while a request is in flight, so no other
+instance takes rows this one may still send.
 
 Failures: a 503/429 slows the API key down (``Pacer.penalise``) and retries soon; connection
 errors, timeouts and 5xx feed the enterprise's breaker (the library's ``Breaker``) and retry
 with persisted backoff; while the breaker is open rows are deferred without using up attempts;
-other 4xx answers are final (dead-lettered: retrying cannot fix them). Every attempt is written
-to ``integration_logs`` with the call's ``call_unique_id`` (secrets masked by the writer).
+other 4xx answers are final (dead-lettered: retrying cannot fix them). An enterprise whose API key
+does not decrypt on this instance has its rows deferred (never skipped) until it does. Every
+attempt is written to ``integration_logs`` with the call's ``call_unique_id`` (secrets masked by
+the writer).
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ logger = logging.getLogger(__name__)
 
 CALL_EVENT = "telephony/call/event"
 CALLS_UPLOAD = "telephony/calls/upload"
+_KEY_UNREADABLE = "API key cannot be decrypted (RETAILCRM_SECRET_KEY)"
 
 
 class ConfigSource(Protocol):
@@ -92,6 +98,7 @@ class DeliveryConfig:
     sweep_interval: float = 1.0
     instance_ttl: float = 5.0
     rate_limit_retry: float = 1.0
+    key_unreadable_retry: float = 10.0
     upload_batch: int = 50
     request_timeout: float = 3.0
     close_timeout: float = 5.0
@@ -250,7 +257,15 @@ class DeliveryService:
     def stats(self) -> dict[str, Any]:
         totals = EnterpriseCounters()
         for c in self._counters.values():
-            for name in ("delivered", "failed", "expired", "superseded", "dead", "skipped"):
+            for name in (
+                "delivered",
+                "failed",
+                "expired",
+                "superseded",
+                "dead",
+                "skipped",
+                "deferred",
+            ):
                 setattr(totals, name, getattr(totals, name) + getattr(c, name))
             totals.latencies.extend(c.latencies)
         return {
@@ -316,23 +331,29 @@ class DeliveryService:
     async def _claim(self) -> bool:
         if len(self._busy) >= self.config.max_enterprises:
             return False
+        # Taken before the claim: the leases end no earlier than lease_seconds after this.
+        claimed_at = self._clock()
         rows = await self.store.claim(self.config.claim_batch, exclude=sorted(self._busy))
         by_enterprise: dict[str, list[OutboxRow]] = {}
         for row in rows:
             by_enterprise.setdefault(row.enterprise_number, []).append(row)
         for number, batch in by_enterprise.items():
             self._busy.add(number)
-            self._tasks.start(self._deliver_enterprise, number, batch, name="delivery-enterprise")
+            self._tasks.start(
+                self._deliver_enterprise, number, batch, claimed_at, name="delivery-enterprise"
+            )
         return bool(rows)
 
-    async def _deliver_enterprise(self, number: str, rows: list[OutboxRow]) -> None:
+    async def _deliver_enterprise(
+        self, number: str, rows: list[OutboxRow], claimed_at: float
+    ) -> None:
         async def settle(outcomes: list[Outcome]) -> None:
             # Settled after every request, so a crash re-sends at most the one in flight.
             await self.store.settle(outcomes)
             self._record(number, outcomes)
 
         try:
-            await self._attempt(number, rows, settle)
+            await self._attempt(number, rows, settle, claimed_at)
         except Exception as exc:
             # Whatever failed (database, a bug in one row's mapping), the leases lapse and
             # the rows are claimed again: at-least-once, never lost.
@@ -351,8 +372,17 @@ class DeliveryService:
         number: str,
         rows: list[OutboxRow],
         settle: Callable[[list[Outcome]], Awaitable[None]],
+        claimed_at: float | None = None,
     ) -> None:
+        if claimed_at is None:
+            claimed_at = self._clock()
         config = await self._configs.get(number)
+        if config is not None and getattr(config, "key_unreadable", False):
+            # Switched on, but the key does not decrypt here: the rows wait (no attempt spent)
+            # until the key can be read or the admin changes the config; /health says why.
+            wait = self.config.key_unreadable_retry
+            await settle([Outcome(row, "deferred", _KEY_UNREADABLE, wait) for row in rows])
+            return
         if config is None or not getattr(config, "is_on", False):
             reason = "unknown enterprise" if config is None else "retailcrm disabled"
             await settle([Outcome(row, "skipped", reason) for row in rows])
@@ -370,10 +400,54 @@ class DeliveryService:
             http=self._http,
             timeout=self.config.request_timeout,
         )
-        # Stop well inside the lease: past it another worker may take the same rows.
-        deadline = self._clock() + self.store.config.lease_seconds / 2
-        events = dict(getattr(config, "events", None) or {})
-        sender = _Sender(self, number, client, config.api_key, mapping, deadline, events=events)
+        # Stop well inside the lease: past it another worker may take the same rows. No request
+        # starts after half the lease (waiting for the key's turn included); while requests are
+        # in flight the leases are extended, and should that fail, no request starts within the
+        # last quarter of the lease either.
+        lease = self.store.config.lease_seconds
+        sender = _Sender(
+            self,
+            number,
+            client,
+            config.api_key,
+            mapping,
+            deadline=claimed_at + lease / 2,
+            lease_end=claimed_at + lease,
+            margin=lease / 4,
+            events=dict(getattr(config, "events", None) or {}),
+        )
+        keeper = asyncio.get_running_loop().create_task(self._keep_leases(rows, sender))
+        try:
+            await self._send(number, rows, sender, settle)
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+
+    async def _keep_leases(self, rows: Sequence[OutboxRow], sender: _Sender) -> None:
+        """Extend the leases of the rows not settled yet, every quarter of the lease."""
+        lease = self.store.config.lease_seconds
+        ids = [row.id for row in rows]
+        while True:
+            await asyncio.sleep(lease / 4)
+            started = self._clock()
+            try:
+                async with asyncio.timeout(lease / 4):
+                    held = await self.store.extend(ids)
+            except Exception as exc:  # the old lease end stands; the sender stops before it
+                logger.warning("delivery.lease_extend_failed error=%s", type(exc).__name__)
+                continue
+            if not held:
+                return
+            sender.lease_end = started + lease
+
+    async def _send(
+        self,
+        number: str,
+        rows: list[OutboxRow],
+        sender: _Sender,
+        settle: Callable[[list[Outcome]], Awaitable[None]],
+    ) -> None:
         popups = [row for row in rows if row.kind == KIND_POPUP]
         history = [row for row in rows if row.kind == KIND_HISTORY]
         for index, row in enumerate(popups):
@@ -415,9 +489,9 @@ class DeliveryService:
         return breaker
 
 
-def _released(rows: Sequence[OutboxRow]) -> list[Outcome]:
-    """Hand rows back untried (no attempt spent), due now."""
-    return [Outcome(row, "deferred", "lease budget spent", retry_after=0.0) for row in rows]
+def _released(rows: Sequence[OutboxRow], retry_after: float = 0.0) -> list[Outcome]:
+    """Hand rows back untried (no attempt spent), due now or after ``retry_after``."""
+    return [Outcome(row, "deferred", "lease budget spent", retry_after=retry_after) for row in rows]
 
 
 class _Sender:
@@ -430,12 +504,16 @@ class _Sender:
         client: RetailCrmClient,
         api_key: Any,
         mapping: MappingConfig,
-        deadline: float = float("inf"),
         *,
+        deadline: float = float("inf"),
+        lease_end: float = float("inf"),
+        margin: float = 0.0,
         events: dict[str, bool] | None = None,
     ) -> None:
         self._service = service
         self._deadline = deadline
+        self.lease_end = lease_end  # moved on by every successful extension
+        self._margin = margin
         self._number = number
         self._client = client
         self._key = api_key.get_secret_value()
@@ -443,8 +521,18 @@ class _Sender:
         # The enterprise's event options (``retailcrm.events``): a switched-off kind is skipped.
         self.events: dict[str, bool] = events or {}
 
+    def _stop_at(self) -> float:
+        return min(self._deadline, self.lease_end - self._margin)
+
     def out_of_time(self) -> bool:
-        return self._service._clock() >= self._deadline
+        return self._service._clock() >= self._stop_at()
+
+    def _left(self) -> float | None:
+        """Seconds until no request may start (None: unbounded), for ``asyncio.timeout``."""
+        stop = self._stop_at()
+        if stop == float("inf"):
+            return None
+        return max(0.0, stop - self._service._clock())
 
     async def popup(self, row: OutboxRow) -> Outcome:
         if row.expires_at is not None and row.expires_at < datetime.now(UTC):
@@ -502,9 +590,13 @@ class _Sender:
             self._service._count(self._number).calls_uploaded += len(rows)
             return [Outcome(row, "delivered") for row in rows]
         if len(rows) > 1 and error[0].result == "dead":
-            # One bad call must not sink its batch: find it by sending them one by one.
+            # One bad call must not sink its batch: find it by sending them one by one, within
+            # the same lease budget as every other request (what is left is handed back).
             outcomes: list[Outcome] = []
-            for row, call in zip(rows, calls, strict=True):
+            for index, (row, call) in enumerate(zip(rows, calls, strict=True)):
+                if self.out_of_time():
+                    outcomes.extend(_released(rows[index:]))
+                    break
                 outcomes.extend(await self._upload([row], [call]))
             return outcomes
         return error
@@ -520,7 +612,22 @@ class _Sender:
         ok = False
         cancelled = False
         try:
-            await service.pacer.acquire(self._key, method)
+            try:
+                async with asyncio.timeout(self._left()):
+                    await service.pacer.acquire(self._key, method)
+            except TimeoutError:
+                # The key's turn comes after the lease budget: hand the rows back unsent.
+                cancelled = True
+                breaker.release(permit)
+                return _released(rows, retry_after=service.config.rate_limit_retry)
+            if method == CALL_EVENT:
+                # The wait for the key's turn may have outlived the popup.
+                now = datetime.now(UTC)
+                if any(r.expires_at is not None and r.expires_at < now for r in rows):
+                    cancelled = True
+                    breaker.release(permit)
+                    service._count(self._number).expired += len(rows)
+                    return [Outcome(row, "expired", "popup expired") for row in rows]
             if method == CALL_EVENT:
                 response: Any = await self._client.call_event(body)
             else:

@@ -33,7 +33,13 @@ from retailcrm_service.pipeline.delivery import (
     DeliveryService,
     LogSink,
 )
-from retailcrm_service.pipeline.outbox import GroupCommitter, OutboxConfig, StoredEvent, replay
+from retailcrm_service.pipeline.outbox import (
+    GroupCommitter,
+    OutboxConfig,
+    ReplayResult,
+    StoredEvent,
+    replay,
+)
 from vochi_crm_client import MAX_EVENT_BYTES, validate_event
 
 logger = logging.getLogger(__name__)
@@ -275,12 +281,12 @@ class EventPipeline:
             out.update(self.delivery.stats())
         return out
 
-    async def replay(self, **selection: Any) -> int:
+    async def replay(self, **selection: Any) -> ReplayResult:
         """Make settled rows due again (``outbox.replay``'s selection) and wake delivery."""
-        count = await replay(self.pool, popup_ttl=self.outbox_config.popup_ttl, **selection)
+        result = await replay(self.pool, popup_ttl=self.outbox_config.popup_ttl, **selection)
         if self.delivery is not None:
             self.delivery.wake()
-        return count
+        return result
 
     async def health(self) -> dict[str, Any]:
         """Backlog and oldest due event (from the database)."""

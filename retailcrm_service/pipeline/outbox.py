@@ -518,6 +518,17 @@ class OutboxStore:
         )
         return [OutboxRow.from_record(r) for r in rows]
 
+    async def extend(self, ids: Sequence[int]) -> int:
+        """Renew this owner's leases on those of ``ids`` still pending; returns how many."""
+        result = await self._pool.execute(
+            """UPDATE retailcrm_outbox SET lease_until = now() + make_interval(secs => $3)
+                WHERE id = ANY($2::bigint[]) AND lease_owner = $1 AND state = 'pending'""",
+            self.owner,
+            list(ids),
+            self.config.lease_seconds,
+        )
+        return int(result.split()[-1])
+
     async def sweep(self) -> dict[str, list[str]]:
         """Expire stale popups and supersede failed dials; returns enterprises per outcome."""
         async with self._pool.acquire() as conn, conn.transaction():
@@ -628,8 +639,9 @@ class OutboxStore:
         return age >= self.config.max_age
 
     def _retry_delay(self, row: OutboxRow, outcome: Outcome) -> float:
-        if outcome.retry_after is not None:
-            return max(0.0, outcome.retry_after)
+        if outcome.retry_after is not None and math.isfinite(outcome.retry_after):
+            # Never past the longest backoff: a server's hint must not park a row for years.
+            return min(max(0.0, outcome.retry_after), self.config.retry.cap)
         return delay(max(1, row.attempts), self.config.retry, self._rng)
 
     # -- observability and replay -----------------------------------------------------------
@@ -651,6 +663,16 @@ class OutboxStore:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class ReplayResult:
+    """What a replay did: rows made pending again, and matching rows left alone because a
+    worker holds their lease right now (resetting them would let another instance send them
+    while the first one's request is in flight)."""
+
+    replayed: int
+    leased: int
+
+
 async def replay(
     pool: asyncpg.Pool,
     *,
@@ -661,12 +683,14 @@ async def replay(
     since: datetime | None = None,
     states: Sequence[str] = ("dead", "expired", "superseded"),
     popup_ttl: float = OutboxConfig().popup_ttl,
-) -> int:
+) -> ReplayResult:
     """Make events pending again (one, one call's history, or the failed ones since a time).
 
     Popups come back as history when they belonged to a hangup (their moment has passed);
     history is safe to re-send because RetailCRM dedups uploads by ``externalId``. A call is
     replayed as its history only (whatever its rows' states): a popup of a past call is noise.
+    A row under a live lease is skipped and counted in ``leased``: the lease test is part of the
+    UPDATE, so a claim committed while the replay waits for the row's lock is seen and respected.
     """
     conditions = ["enterprise_number = $1", "kind <> 'note'"]
     args: list[Any] = [enterprise_number]
@@ -688,14 +712,23 @@ async def replay(
             conditions.append(f"created_at >= ${len(args)}")
     args.append(popup_ttl)
     ttl = f"${len(args)}"
-    result = await pool.execute(
-        f"""UPDATE retailcrm_outbox
-            SET state = 'pending', attempts = 0, due_at = now(), finished_at = NULL,
-                lease_owner = NULL, lease_until = NULL,
-                kind = CASE WHEN has_history THEN 'history' ELSE kind END,
-                expires_at = CASE WHEN kind = 'popup' AND NOT has_history
-                                  THEN now() + make_interval(secs => {ttl}) ELSE expires_at END
-            WHERE {" AND ".join(conditions)}""",  # noqa: S608 (fixed condition strings)
+    counts = await pool.fetchrow(
+        f"""WITH target AS (
+                SELECT id FROM retailcrm_outbox WHERE {" AND ".join(conditions)}),
+            replayed AS (
+                UPDATE retailcrm_outbox o
+                SET state = 'pending', attempts = 0, due_at = now(), finished_at = NULL,
+                    lease_owner = NULL, lease_until = NULL,
+                    kind = CASE WHEN o.has_history THEN 'history' ELSE o.kind END,
+                    expires_at = CASE WHEN o.kind = 'popup' AND NOT o.has_history
+                                      THEN now() + make_interval(secs => {ttl})
+                                      ELSE o.expires_at END
+                FROM target t
+                WHERE o.id = t.id AND (o.lease_until IS NULL OR o.lease_until < now())
+                RETURNING o.id)
+            SELECT (SELECT count(*) FROM target) AS matched,
+                   (SELECT count(*) FROM replayed) AS replayed""",  # noqa: S608 (fixed strings)
         *args,
     )
-    return int(result.split()[-1])
+    assert counts is not None
+    return ReplayResult(replayed=counts["replayed"], leased=counts["matched"] - counts["replayed"])

@@ -48,7 +48,8 @@ Control API (JSON; errors as ``{"error": {"code", "message"}}``):
 - ``POST|GET|DELETE /_sandbox/faults``: ``{"endpoint": "telephony/*" (glob over method names such as
   ``telephony/call/event``, ``integration-modules/{code}/edit``), "method": "POST"?, "mode":
   "error"|"down"|"timeout"|"latency", "status": 500|503, "error_rate": 1.0, "latency_ms": 0,
-  "times": N?, "timeout_seconds": 30}``. ``down`` answers 502 HTML, ``timeout`` stalls then 504.
+  "times": N?, "timeout_seconds": 30, "retry_after": "120"?}``. ``down`` answers 502 HTML,
+  ``timeout`` stalls then 504; ``retry_after`` is sent verbatim as an error's ``Retry-After``.
 - ``POST /_sandbox/settings``: ``{"rate_limit": bool, "account_missing": bool,
   "account_exists": bool, "account": NAME}`` (account missing: 404 JSON on GET, 405 HTML on POST).
 - ``POST /_sandbox/callbacks/click-to-call`` ``{"userId", "phone", "account"?, "site"?,

@@ -171,6 +171,7 @@ class Sandbox:
         rate = float(spec.get("error_rate", 1.0))
         latency = float(spec.get("latency_ms", 0))
         times = spec.get("times")
+        retry_after = spec.get("retry_after")
         if not 0 <= rate <= 1 or latency < 0 or (times is not None and int(times) < 1):
             raise ControlError(
                 422, "invalid_fault", "error_rate in [0,1], latency_ms >= 0, times >= 1"
@@ -187,6 +188,7 @@ class Sandbox:
                 spec.get("timeout_seconds", self.config.fault_timeout_seconds)
             ),
             "times": None if times is None else int(times),
+            "retry_after": None if retry_after is None else str(retry_after),
             "fired": 0,
         }
         with self.state.lock:
@@ -329,4 +331,5 @@ class Sandbox:
             await self.sleep(fired["timeout_seconds"])
             return Outgoing(504, html=TIMEOUT_HTML)
         message = SERVICE_UNAVAILABLE if fired["status"] == 503 else INTERNAL_ERROR
-        return Outgoing(fired["status"], {"success": False, "errorMsg": message})
+        headers = {} if fired["retry_after"] is None else {"Retry-After": fired["retry_after"]}
+        return Outgoing(fired["status"], {"success": False, "errorMsg": message}, headers=headers)

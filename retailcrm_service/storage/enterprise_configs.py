@@ -4,8 +4,10 @@ Public names:
 
 - ``RetailCrmConfig``: one enterprise's full config (frozen). ``api_key`` is a masked ``Secret``
   (decrypted), ``client_id`` too. ``is_on`` = enterprise active and ``retailcrm.enabled`` and a
-  usable domain + key. ``smart_redirect`` = ``integrations_config.retailcrm.smart_redirect`` merged
-  over ``integrations_config.smart`` (dict, possibly empty). ``ip`` = ``enterprises.ip``.
+  usable domain + key; ``key_unreadable`` = it would be on, but the stored key does not decrypt
+  here (``api_key_error`` says why). ``smart_redirect`` =
+  ``integrations_config.retailcrm.smart_redirect`` merged over ``integrations_config.smart``
+  (dict, possibly empty). ``ip`` = ``enterprises.ip``.
 - ``load_config(conn, number, *, secret_key)`` / ``load_all_configs(conn, *, secret_key)``: the
   loaders (one enterprise, or every enterprise that has a ``retailcrm`` key).
 - ``ConfigCache``: the service's config cache (the library's ``RefreshingCache`` with these
@@ -13,7 +15,8 @@ Public names:
   ``await configs.get(number)``, ``configs.peek(number)`` (no I/O),
   ``await configs.find_by_client_id(client_id)`` (O(1), constant-time compare),
   ``await configs.refresh(number)``, ``await configs.refresh_all()``,
-  ``configs.active_enterprises()``, ``configs.invalidate(number)`` (NOTIFY), ``configs.stats()``.
+  ``configs.active_enterprises()``, ``configs.unreadable_keys()``, ``configs.invalidate(number)``
+  (NOTIFY), ``configs.stats()``.
 
 Stored shape of ``integrations_config.retailcrm`` (keys we own, besides the platform's ``enabled``,
 ``domain``, ``api_key``, ``user_extensions``, ``last_sync``): ``clientId``, ``timezone``,
@@ -73,6 +76,18 @@ class RetailCrmConfig:
     @property
     def is_on(self) -> bool:
         return self.active and self.enabled and bool(self.domain) and self.api_key is not None
+
+    @property
+    def key_unreadable(self) -> bool:
+        """Switched on, but this instance cannot decrypt the stored API key (a wrong or missing
+        ``RETAILCRM_SECRET_KEY``): the enterprise's events must wait, not be settled as off."""
+        return (
+            self.active
+            and self.enabled
+            and bool(self.domain)
+            and self.api_key is None
+            and self.api_key_error is not None
+        )
 
     @property
     def extension_by_user(self) -> dict[str, str]:
@@ -311,7 +326,17 @@ class ConfigCache:
         with contextlib.suppress(LoadError, StateError):
             await self.cache.get(number)
 
+    def unreadable_keys(self) -> list[str]:
+        """Enterprises switched on whose cached API key this instance cannot decrypt."""
+        out = []
+        for number in list(self._known):
+            config = self.peek(number)
+            if config is not None and config.key_unreadable:
+                out.append(number)
+        return sorted(out)
+
     def stats(self) -> dict[str, Any]:
         stats = self.cache.stats()
         stats["active"] = len(self.active_enterprises())
+        stats["unreadable_keys"] = self.unreadable_keys()
         return stats

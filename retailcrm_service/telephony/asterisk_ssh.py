@@ -287,6 +287,10 @@ class AsteriskSettings:
     dial_context: str = "inoffice"
     redirect_context: str = "inoffice"
     max_background: int = 100
+    max_per_enterprise: int = 20
+    host_breaker_failures: int = 2
+    host_breaker_open: float = 15.0
+    host_breaker_open_max: float = 300.0
     drain_timeout: float = 5.0
 
     def __post_init__(self) -> None:
@@ -296,11 +300,20 @@ class AsteriskSettings:
             raise ValueError(f"invalid SSH port: {self.port}")
         if not self.known_hosts:
             raise ValueError("known_hosts is required: host keys are always verified")
-        for name in ("connect_timeout", "command_timeout", "idle_close", "drain_timeout"):
+        for name in (
+            "connect_timeout",
+            "command_timeout",
+            "idle_close",
+            "drain_timeout",
+            "host_breaker_open",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
-        if self.max_background < 1:
-            raise ValueError("max_background must be at least 1")
+        if self.host_breaker_open_max < self.host_breaker_open:
+            raise ValueError("host_breaker_open_max must be at least host_breaker_open")
+        for name in ("max_background", "max_per_enterprise", "host_breaker_failures"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
         for name in ("originate_context", "dial_context", "redirect_context"):
             validate_context(getattr(self, name))
         if not re.fullmatch(r"[A-Za-z0-9_./-]+", self.asterisk_binary):
@@ -312,10 +325,24 @@ class AsteriskSettings:
 
 @dataclass(eq=False)
 class _HostSlot:
+    """One host: its reused connection, and the breaker of its connection attempts.
+
+    Connects to a host are serialised by ``lock``. A host that fails ``host_breaker_failures``
+    connects in a row is marked down for ``host_breaker_open`` seconds (doubling on every
+    failed probe up to ``host_breaker_open_max``): commands for it then fail at once instead of
+    each waiting out a connect timeout, and once the period is over the next command is the
+    probe. Commands that queued behind a connect that failed share its failure (``failures``
+    moved while they waited) rather than each trying again.
+    """
+
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     conn: asyncssh.SSHClientConnection | None = None
     last_used: float = 0.0
     in_use: int = 0
+    failures: int = 0  # connect failures ever (a generation for the waiters)
+    consecutive: int = 0
+    trips: int = 0
+    down_until: float = float("-inf")
 
 
 Connector = Callable[..., Awaitable[asyncssh.SSHClientConnection]]
@@ -344,6 +371,7 @@ class AsteriskControl:
         self._slots: dict[str, _HostSlot] = {}
         self._jobs = BackgroundTasks("asterisk-jobs", logger=logger)
         self._reaper = BackgroundTasks("asterisk-reaper", logger=logger)
+        self._per_enterprise: dict[str, int] = {}
         self._accepting = False
         self.counters: dict[str, int] = {
             "connects": 0,
@@ -351,6 +379,8 @@ class AsteriskControl:
             "failures": 0,
             "jobs_started": 0,
             "jobs_rejected": 0,
+            "jobs_rejected_enterprise": 0,
+            "host_down_refusals": 0,
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -435,12 +465,15 @@ class AsteriskControl:
 
     # ------------------------------------------------------------------ background jobs
 
-    def spawn(self, job: Coroutine[Any, Any, None], *, name: str) -> bool:
+    def spawn(
+        self, job: Coroutine[Any, Any, None], *, name: str, enterprise: str | None = None
+    ) -> bool:
         """Run ``job`` in the background, owned by this object; False when refused.
 
-        Refused when closed or when ``max_background`` jobs are already running. The job must
-        handle and record its own errors; anything it lets escape is logged (with its stack
-        trace) by the owner of the jobs.
+        Refused when closed, when ``max_background`` jobs are already running, or when
+        ``enterprise`` already has ``max_per_enterprise`` of them (so one enterprise's burst, or
+        its dead host, cannot take every slot). The job must handle and record its own errors;
+        anything it lets escape is logged (with its stack trace) by the owner of the jobs.
         """
         if not self._accepting or not self._jobs.is_open:
             job.close()
@@ -451,9 +484,36 @@ class AsteriskControl:
             self.counters["jobs_rejected"] += 1
             logger.warning("asterisk.job_rejected name=%s reason=too_many", name)
             return False
-        self._jobs.start(_awaited, job, name=name)
+        if (
+            enterprise is not None
+            and self._per_enterprise.get(enterprise, 0) >= self.settings.max_per_enterprise
+        ):
+            job.close()
+            self.counters["jobs_rejected"] += 1
+            self.counters["jobs_rejected_enterprise"] += 1
+            logger.warning(
+                "asterisk.job_rejected name=%s enterprise=%s reason=enterprise_limit",
+                name,
+                enterprise,
+            )
+            return False
+        if enterprise is None:
+            self._jobs.start(_awaited, job, name=name)
+        else:
+            self._per_enterprise[enterprise] = self._per_enterprise.get(enterprise, 0) + 1
+            self._jobs.start(self._counted, job, enterprise, name=name)
         self.counters["jobs_started"] += 1
         return True
+
+    async def _counted(self, job: Coroutine[Any, Any, None], enterprise: str) -> None:
+        try:
+            await job
+        finally:
+            left = self._per_enterprise.get(enterprise, 0) - 1
+            if left > 0:
+                self._per_enterprise[enterprise] = left
+            else:
+                self._per_enterprise.pop(enterprise, None)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -462,6 +522,7 @@ class AsteriskControl:
                 1 for s in self._slots.values() if s.conn is not None and not s.conn.is_closed()
             ),
             "background_jobs": self._jobs.running,
+            "hosts_down": sum(1 for s in self._slots.values() if s.down_until > self._clock()),
         }
 
     # ------------------------------------------------------------------ connections
@@ -502,11 +563,37 @@ class AsteriskControl:
     async def _connection(
         self, host: str, slot: _HostSlot
     ) -> tuple[asyncssh.SSHClientConnection, bool]:
+        failures_before = slot.failures
         async with slot.lock:
             if slot.conn is not None and not slot.conn.is_closed():
                 return slot.conn, False
-            slot.conn = await self._connect(host)
+            if slot.failures != failures_before:
+                # The connect this command queued behind failed: share its answer.
+                self.counters["host_down_refusals"] += 1
+                raise AsteriskUnavailable(f"{host} is unreachable (a connect just failed)")
+            if self._clock() < slot.down_until:
+                self.counters["host_down_refusals"] += 1
+                raise AsteriskUnavailable(f"{host} is marked down after failed connects")
+            try:
+                slot.conn = await self._connect(host)
+            except AsteriskUnavailable:
+                self._connect_failed(host, slot)
+                raise
+            slot.consecutive = 0
+            slot.trips = 0
+            slot.down_until = float("-inf")
             return slot.conn, True
+
+    def _connect_failed(self, host: str, slot: _HostSlot) -> None:
+        s = self.settings
+        slot.failures += 1
+        slot.consecutive += 1
+        if slot.trips or slot.consecutive >= s.host_breaker_failures:
+            # Past the threshold, or a failed probe after a down period: (again) down, longer.
+            period = min(s.host_breaker_open_max, s.host_breaker_open * 2 ** min(slot.trips, 16))
+            slot.trips += 1
+            slot.down_until = self._clock() + period
+            logger.warning("asterisk.host_down host=%s for_s=%.0f", host, period)
 
     def _connect_options(self) -> dict[str, Any]:
         s = self.settings

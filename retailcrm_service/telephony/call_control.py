@@ -1,8 +1,8 @@
 """Driving calls on an enterprise's Asterisk: smart-redirect moves and click-to-call originates.
 
-``CallControl`` turns a decision into a background job of ``AsteriskControl`` (bounded, drained
-when it closes), so the HTTP answer never waits for SSH; each job's outcome goes to the
-``integration_logs`` journal.
+``CallControl`` turns a decision into a background job of ``AsteriskControl`` (bounded overall and
+per enterprise, drained when it closes), so the HTTP answer never waits for SSH; each job's outcome
+goes to the ``integration_logs`` journal.
 """
 
 from __future__ import annotations
@@ -54,12 +54,14 @@ class CallControl:
             decision.manager_id,
             call_unique_id,
         )
-        return self.asterisk.spawn(job, name="smart-redirect")
+        return self.asterisk.spawn(
+            job, name="smart-redirect", enterprise=decision.enterprise_number
+        )
 
     def start_call(self, enterprise_number: str, host: str, extension: str, phone: str) -> bool:
         """Click-to-call in the background: ring ``extension``, then dial ``phone``."""
         job = self._originate(enterprise_number, host, extension, phone)
-        return self.asterisk.spawn(job, name="click-to-call")
+        return self.asterisk.spawn(job, name="click-to-call", enterprise=enterprise_number)
 
     async def _redirect(
         self,

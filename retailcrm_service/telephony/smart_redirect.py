@@ -8,11 +8,14 @@ context ``mngr<id>_<trunk>_1`` (docs/asterisk.md#dialplan-reply).
 
 Real-time rules: every decision is bounded by a hard deadline (default 300 ms) and fails open
 (no redirect) past it. CRM lookups are single-flight per (enterprise, phone), run as tasks owned by
-``SmartRedirect`` (an ``async with`` object), and keep running after a deadline so that the answer
-lands in the cache for the caller's next try. Answers are cached per enterprise: found managers
-for minutes, "nobody" for less, errors for seconds. Lookups are paced with the shared ``Pacer``
-(``telephony/manager`` counts against the 40 req/s telephony budget) on its interactive lane, ahead
-of queued delivery.
+``SmartRedirect`` (an ``async with`` object), and are cancelled at the deadline of the decision
+that started them (a background refresh gets the enterprise's deadline): a lookup nobody waits for
+any more must not hold a slot of the key's budget that delivery needs. Answers are cached per
+enterprise: found managers for minutes, "nobody" for less, errors not at all. Lookups are paced
+with the shared ``Pacer`` (``telephony/manager`` counts against the 40 req/s telephony budget) on
+its interactive lane, ahead of queued delivery within the lane's share. ``admit`` rate-limits the
+dialplan's requests per enterprise (each dialplan ``Token`` names one), so a flood of distinct
+callers cannot turn into a flood of lookups.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import re
 import time
 import unicodedata
 from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -64,6 +68,10 @@ DEFAULT_CACHE = CacheSettings(
 )
 MAX_NAME_CHARS = 48
 _TRUNK_RE = re.compile(r"[A-Za-z0-9_-]{1,40}")
+# The event-loop time at which the decision that is looking up gives up. The cache starts its
+# load task from the deciding task, and a task copies the context it was created in, so the load
+# sees its own caller's deadline here (unset for loads nobody waits for).
+_DECISION_DEADLINE: ContextVar[float | None] = ContextVar("smart_redirect_deadline", default=None)
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -390,6 +398,33 @@ class EnterpriseTokens(_Cached):
         return str(value) if value is not None else None
 
 
+class RateLimit:
+    """Requests per second per name (GCRA): ``rate`` on average, up to ``burst`` at once.
+
+    Names are enterprises whose dialplan token resolved, so the table is bounded by the number of
+    enterprises.
+    """
+
+    def __init__(
+        self, *, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be positive and burst at least 1")
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._tat: dict[str, float] = {}
+
+    def allow(self, name: str) -> bool:
+        now = self._clock()
+        interval = 1.0 / self.rate
+        tat = max(self._tat.get(name, now), now)
+        if tat - now > (self.burst - 1) * interval + 1e-9:
+            return False
+        self._tat[name] = tat + interval
+        return True
+
+
 # --------------------------------------------------------------------------- the service
 
 
@@ -416,11 +451,14 @@ class SmartRedirect:
         pacer: Pacer | None = None,
         cache: CacheSettings | None = None,
         default_deadline: float = 0.3,
+        token_rate: float = 20.0,
+        token_burst: int = 40,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
     ) -> None:
         self._configs = configs
+        self.limit = RateLimit(rate=token_rate, burst=token_burst, clock=clock)
         self._client_for = client_for
         self._phone_id = (
             internal_phones.id_of
@@ -447,7 +485,13 @@ class SmartRedirect:
             h for h in (statuses, internal_phones, tokens) if isinstance(h, _Cached)
         ]
         self._stack: contextlib.AsyncExitStack | None = None
-        self.counters: dict[str, int] = {"decisions": 0, "timeouts": 0, "errors": 0}
+        self.counters: dict[str, int] = {
+            "decisions": 0,
+            "timeouts": 0,
+            "errors": 0,
+            "lookups_cancelled": 0,
+            "rate_limited": 0,
+        }
 
     async def __aenter__(self) -> SmartRedirect:
         async with contextlib.AsyncExitStack() as stack:
@@ -468,6 +512,13 @@ class SmartRedirect:
 
     def stats(self) -> dict[str, Any]:
         return {**self.counters, "cache": self._cache.stats()}
+
+    def admit(self, enterprise_number: str) -> bool:
+        """Whether one more dialplan request of this enterprise fits its rate; counts refusals."""
+        if self.limit.allow(enterprise_number):
+            return True
+        self.counters["rate_limited"] += 1
+        return False
 
     # ------------------------------------------------------------------ deciding
 
@@ -498,7 +549,11 @@ class SmartRedirect:
                 digits = phone_key(phone)
                 if len(digits) < 5:
                     return replace(outcome, source="invalid_phone")
-                return await self._decide(config, options, digits, trunk, outcome)
+                token = _DECISION_DEADLINE.set(started + options.deadline)
+                try:
+                    return await self._decide(config, options, digits, trunk, outcome)
+                finally:
+                    _DECISION_DEADLINE.reset(token)
         except TimeoutError:
             self.counters["timeouts"] += 1
             logger.warning(
@@ -567,8 +622,19 @@ class SmartRedirect:
         config = await self._configs.get(key[0])
         if config is None or not config.is_on:
             return None
+        loop = asyncio.get_running_loop()
+        deadline = _DECISION_DEADLINE.get()
+        if deadline is None:  # nobody waits (a background refresh): the enterprise's own deadline
+            deadline = loop.time() + SmartOptions.from_mapping(config.smart_redirect).deadline
         try:
-            found = await self._ask_crm(config, key[2])
+            async with asyncio.timeout_at(deadline):
+                found = await self._ask_crm(config, key[2])
+        except TimeoutError:
+            # Past the deadline the answer is worth nothing to the caller; the pacer waiter or
+            # the request is cancelled with it, and the next call asks afresh.
+            self.counters["lookups_cancelled"] += 1
+            logger.info("smart_redirect.lookup_cancelled enterprise=%s", config.enterprise_number)
+            raise
         except Exception as exc:
             logger.warning(
                 "smart_redirect.lookup_failed enterprise=%s error=%s",
@@ -657,6 +723,7 @@ __all__ = [
     "EnterpriseTokens",
     "InternalPhones",
     "Lookup",
+    "RateLimit",
     "SmartOptions",
     "SmartRedirect",
     "UserStatusBook",

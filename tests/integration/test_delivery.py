@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from retailcrm_service.crm.pacing import PacingConfig
 from retailcrm_service.pipeline.delivery import DeliveryConfig, DeliveryService
 from retailcrm_service.pipeline.outbox import GroupCommitter, OutboxConfig, StoredEvent
 from retailcrm_service.sandbox import SandboxServer
@@ -267,3 +268,92 @@ async def test_event_kinds_the_admin_switched_off_are_skipped_and_never_sent(
     account = crm.state()["accounts"]["test"]
     assert [e["event"]["type"] for e in account["events"]] == ["out"]
     assert account["calls"] == []
+
+
+async def test_one_by_one_retry_of_a_rejected_batch_hands_back_what_the_lease_cannot_cover(
+    pool: asyncpg.Pool, db: asyncpg.Connection, crm: SandboxServer
+) -> None:
+    """A refused batch is retried call by call; that retry stops at the lease budget and hands
+    the rest back, so another instance never takes rows this one is still sending."""
+    await add_enterprise(db, crm.url, crm.api_key)
+    crm.add_fault(endpoint="telephony/calls/upload", mode="error", status=400, times=1)
+    crm.add_fault(endpoint="telephony/calls/upload", mode="latency", latency_ms=300)
+    config = DeliveryConfig(poll_interval=0.05, sweep_interval=0.2)
+    outbox = OutboxConfig(lease_seconds=1.0, retry=BackoffPolicy(base=0.05, cap=0.2))
+    one, two = (
+        DeliveryService(pool=pool, configs=Configs(pool), config=config, outbox=outbox)
+        for _ in range(2)
+    )
+    async with one, two, GroupCommitter(pool=pool, on_commit=one.wake) as committer:
+        await committer.submit([_hangup(f"8.{i}", f"2025-11-26 10:0{i}:00") for i in range(6)])
+        await _until(lambda: _settled(db), timeout=30)
+    assert [r["state"] for r in await _rows(db)] == ["delivered"] * 6
+    calls = crm.state()["accounts"]["test"]["calls"]
+    assert sorted(c["externalId"] for c in calls) == [f"8.{i}" for i in range(6)]
+    # each call was uploaded by one instance only: no re-upload after a lapsed lease
+    assert [c["duplicates"] for c in calls] == [0] * 6
+
+
+async def test_a_popup_that_expired_while_waiting_for_the_keys_turn_is_not_sent(
+    pool: asyncpg.Pool, db: asyncpg.Connection, crm: SandboxServer
+) -> None:
+    await add_enterprise(db, crm.url, crm.api_key)
+    # one telephony request per 2.5 s, popups worth sending for 1 s
+    pacing = PacingConfig(telephony_rps=0.4)
+    config = DeliveryConfig(poll_interval=0.05, sweep_interval=0.2, pacing=pacing)
+    outbox = OutboxConfig(popup_ttl=1.0, retry=BackoffPolicy(base=0.05, cap=0.2))
+    service = DeliveryService(pool=pool, configs=Configs(pool), config=config, outbox=outbox)
+    async with (
+        service,
+        GroupCommitter(pool=pool, config=outbox, on_commit=service.wake) as committer,
+    ):
+        await committer.submit([dial(f"10.{i}") for i in range(3)])
+        await _until(lambda: _settled(db))
+    states = [r["state"] for r in await _rows(db)]
+    assert states.count("delivered") == 1
+    assert states.count("expired") == 2
+    assert len(crm.state()["accounts"]["test"]["events"]) == 1
+
+
+async def test_rows_waiting_for_the_keys_turn_past_the_lease_are_handed_back_not_sent_late(
+    pool: asyncpg.Pool, db: asyncpg.Connection, crm: SandboxServer
+) -> None:
+    """The wait for the key's turn counts against the lease: rows whose turn comes after it
+    are handed back unsent, so the instance that takes them over is the only one to send them."""
+    await add_enterprise(db, crm.url, crm.api_key)
+    pacing = PacingConfig(telephony_rps=1.0)  # per instance: each waits ~2 s between requests
+    config = DeliveryConfig(poll_interval=0.05, sweep_interval=0.2, pacing=pacing)
+    outbox = OutboxConfig(lease_seconds=1.0, retry=BackoffPolicy(base=0.05, cap=0.2))
+    one, two = (
+        DeliveryService(pool=pool, configs=Configs(pool), config=config, outbox=outbox)
+        for _ in range(2)
+    )
+    async with one, two, GroupCommitter(pool=pool, on_commit=one.wake) as committer:
+        await committer.submit([dial(f"11.{i}") for i in range(4)])
+        await _until(lambda: _settled(db), timeout=40)
+    assert [r["state"] for r in await _rows(db)] == ["delivered"] * 4
+    sent = [e["event"]["callExternalId"] for e in crm.state()["accounts"]["test"]["events"]]
+    assert sorted(sent) == [f"11.{i}" for i in range(4)]
+
+
+async def test_a_request_outlasting_the_lease_keeps_its_rows_by_extending_the_lease(
+    pool: asyncpg.Pool, db: asyncpg.Connection, crm: SandboxServer
+) -> None:
+    """A request started in time may take longer than the lease: the lease is extended while
+    it is in flight, so another instance never takes the row and sends it a second time."""
+    await add_enterprise(db, crm.url, crm.api_key)
+    crm.add_fault(endpoint="telephony/call/event", mode="latency", latency_ms=1500)
+    config = DeliveryConfig(poll_interval=0.05, sweep_interval=0.2)
+    outbox = OutboxConfig(lease_seconds=1.0, retry=BackoffPolicy(base=0.05, cap=0.2))
+    one, two = (
+        DeliveryService(pool=pool, configs=Configs(pool), config=config, outbox=outbox)
+        for _ in range(2)
+    )
+    async with one, two, GroupCommitter(pool=pool, on_commit=one.wake) as committer:
+        await committer.submit([dial("12.1")])
+        await _until(lambda: _settled(db))
+        await asyncio.sleep(2.0)  # had the lease lapsed, the other instance's copy lands now
+    (row,) = await _rows(db)
+    assert (row["state"], row["attempts"]) == ("delivered", 1)
+    sent = [e["event"]["callExternalId"] for e in crm.state()["accounts"]["test"]["events"]]
+    assert sent == ["12.1"]

@@ -183,7 +183,7 @@ def test_health_shows_the_backlog_and_replay_redelivers(
         json={"enterprise_number": "0367", "states": ["delivered"]},
         timeout=5,
     )
-    assert response.json() == {"replayed": 1}
+    assert response.json() == {"replayed": 1, "leased": 0}
     asyncio.run(wait_drained(database_url))
     (call,) = _account(crm)["calls"]
     # re-delivery is safe: RetailCRM dedups by externalId

@@ -235,10 +235,32 @@ async def test_replay_makes_dead_events_of_an_enterprise_pending_again(
         await committer.submit([event("hangup", f"P{i}", origin="download") for i in range(3)])
     rows = await store.claim(5)
     await store.settle([Outcome(r, "dead", "400: Validation error") for r in rows])
-    assert await replay(pool, enterprise_number="0367") == 3
+    assert (await replay(pool, enterprise_number="0367")).replayed == 3
     assert len(await store.claim(5)) == 3
     backlog = await store.backlog()
     assert backlog["pending"] == 3
+
+
+async def test_replay_by_id_or_key_leaves_a_leased_row_alone_and_says_so(
+    pool: asyncpg.Pool, db: asyncpg.Connection
+) -> None:
+    worker = OutboxStore(pool=pool, owner="w1", config=OutboxConfig(lease_seconds=60))
+    other = OutboxStore(pool=pool, owner="w2")
+    async with GroupCommitter(pool=pool) as committer:
+        await committer.submit([event("hangup", "L1", origin="download")])
+    (row,) = await worker.claim(5)  # a request for this row is in flight now
+    by_id = await replay(pool, enterprise_number="0367", event_id=row.id)
+    by_key = await replay(pool, enterprise_number="0367", idempotency_key=row.idempotency_key)
+    assert (by_id.replayed, by_id.leased) == (0, 1)
+    assert (by_key.replayed, by_key.leased) == (0, 1)
+    lease = await db.fetchrow("SELECT lease_owner, attempts FROM retailcrm_outbox")
+    assert (lease["lease_owner"], lease["attempts"]) == ("w1", 1)
+    assert await other.claim(5) == []  # nobody else may send it mid-request
+    await worker.settle([Outcome(row, "delivered")])
+    # once settled, the same replay brings it back
+    again = await replay(pool, enterprise_number="0367", event_id=row.id)
+    assert (again.replayed, again.leased) == (1, 0)
+    assert len(await other.claim(5)) == 1
 
 
 async def test_dial_arriving_after_its_hangup_is_never_sent_and_is_superseded(

@@ -165,16 +165,19 @@ class Request:
     cancel_after: float | None = None
     granted: float | None = None
     cancelled: float | None = None
+    order: int | None = None  # place among all grants
 
 
 async def simulate(pacer: Pacer, clock: SimClock, requests: list[Request]) -> None:
     """Start each request at its arrival (cancel it later if asked) and run until all are over."""
     start = clock.now
     tasks: dict[int, asyncio.Task[None]] = {}
+    sequence = itertools.count()
 
     async def one(request: Request) -> None:
         await pacer.acquire("key-A", TEL, interactive=request.interactive)
         request.granted = clock.now
+        request.order = next(sequence)
 
     events: list[tuple[float, int, str, int]] = []
     for i, r in enumerate(requests):
@@ -215,6 +218,31 @@ async def test_an_interactive_acquire_is_granted_within_one_slot_while_delivery_
     assert lookup.granted - (1000.0 + 0.1) <= INTERVAL + 1e-9
     # ... and delivery still got everything, at full pace, just one slot later.
     assert grants([*delivery, lookup]) == pytest.approx([i * INTERVAL for i in range(41)])
+
+
+# Of the first second's 32 slots, the first goes to the lookup that came before any delivery
+# waited; delivery gets its share of the other 31.
+@pytest.mark.parametrize(("share", "ordinary_at_least"), [(0.5, 15), (0.75, 7)])
+async def test_a_flood_of_lookups_leaves_delivery_its_share_of_the_key(
+    share: float, ordinary_at_least: int
+) -> None:
+    clock = SimClock()
+    pacer = Pacer(clock=clock, sleep=clock.sleep, config=PacingConfig(interactive_share=share))
+    lookups = [Request(arrival=i * 0.001, interactive=True) for i in range(200)]
+    delivery = [Request(arrival=0.0, interactive=False) for _ in range(40)]
+    await simulate(pacer, clock, [*lookups, *delivery])
+    granted = [r for r in [*lookups, *delivery] if r.granted is not None]
+    in_first_second = [r for r in granted if (r.granted or 0.0) - 1000.0 < 1.0]
+    assert len(in_first_second) == 32
+    assert sum(1 for r in in_first_second if not r.interactive) >= ordinary_at_least
+    # lookups still go first within their share
+    assert sum(1 for r in in_first_second if r.interactive) >= 32 - ordinary_at_least
+
+
+def test_the_interactive_share_is_validated() -> None:
+    with pytest.raises(ValueError, match="interactive_share"):
+        PacingConfig(interactive_share=0)
+    assert PacingConfig(interactive_share=1).interactive_streak > 10**9
 
 
 async def test_delivery_alone_gets_the_full_budget_through_acquire() -> None:
@@ -306,7 +334,7 @@ def scenarios(draw: st.DrawFn) -> tuple[int, list[Request]]:
 
 @settings(max_examples=150, deadline=None)
 @given(scenarios())
-def test_both_lanes_together_never_exceed_the_pace_and_interactive_goes_first(
+def test_both_lanes_together_never_exceed_the_pace_and_interactive_goes_first_within_its_share(
     scenario: tuple[int, list[Request]],
 ) -> None:
     burst, requests = scenario
@@ -320,14 +348,20 @@ def test_both_lanes_together_never_exceed_the_pace_and_interactive_goes_first(
     # Every request was either granted or given up (nothing wedged).
     for r in requests:
         assert (r.granted is None) == (r.cancelled is not None)
-    # No ordinary request was granted while an interactive one was already waiting.
-    for r in requests:
-        if r.granted is None or r.interactive:
+    # Interactive goes first up to its share: an ordinary request granted while an interactive
+    # one was already waiting comes right after an interactive grant (the default share allows
+    # one interactive grant in a row past waiting delivery).
+    by_order = sorted((r for r in requests if r.order is not None), key=lambda r: r.order or 0)
+    for index, r in enumerate(by_order):
+        if r.interactive:
             continue
+        assert r.granted is not None
         for other in requests:
             if not other.interactive:
                 continue
             arrived = 1000.0 + other.arrival
             ended = other.granted if other.granted is not None else other.cancelled
             assert ended is not None
-            assert not (arrived < r.granted < ended), (r, other)
+            if arrived < r.granted < ended:
+                assert index > 0, (r, other)
+                assert by_order[index - 1].interactive, (r, other)

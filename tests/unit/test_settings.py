@@ -24,6 +24,7 @@ def test_defaults_follow_the_contract(tmp_path: Path) -> None:
     assert s.allow_http is False
     assert s.log_retention_days == 30
     assert s.module_code == "vochi-telephony"
+    assert s.dialplan_rps == 20.0
 
 
 def test_every_variable_is_read(tmp_path: Path) -> None:
@@ -39,6 +40,7 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
             "RETAILCRM_DATA_DIR": str(tmp_path),
             "RETAILCRM_LOG_RETENTION_DAYS": "7",
             "RETAILCRM_API_TIMEOUT": "2.5",
+            "RETAILCRM_DIALPLAN_RPS": "5",
         }
     )
     assert (s.host, s.port, s.allow_http, s.log_retention_days) == ("0.0.0.0", 9000, True, 7)
@@ -47,6 +49,7 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
     assert s.secret_key.get_secret_value() == "k" * 40
     assert s.internal_token is not None
     assert s.retailcrm_timeout == 2.5
+    assert s.dialplan_rps == 5.0
     assert s.data_dir == tmp_path
 
 
@@ -60,6 +63,8 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
         ("RETAILCRM_PUBLIC_URL", "https://x/?token=1"),
         ("RETAILCRM_JWT_SECRET", "short"),
         ("RETAILCRM_LOG_RETENTION_DAYS", "-1"),
+        ("RETAILCRM_DIALPLAN_RPS", "0"),
+        ("RETAILCRM_DIALPLAN_RPS", "inf"),
     ],
 )
 def test_invalid_values_are_refused(name: str, value: str, tmp_path: Path) -> None:
