@@ -3,8 +3,9 @@
 It receives the Asterisk hosts' webhooks (``POST /start /dial /bridge /hangup``; recovered hangups
 as ``POST /hangup`` with ``origin: "download"``, or ``POST /download``), resolves the ``Token``
 (header or body) to the enterprise through the matrix, translates the payload and answers 200 right
-after ``emit``: the host's 3 s timeout never depends on a CRM. ``/health`` and ``/stats`` come from
-``adapters.fastapi``.
+after ``emit``: the host's 3 s timeout never depends on a CRM. ``/health``, ``/stats`` and
+``/metrics`` come from ``adapters.fastapi``; ``/metrics`` has the library's ``vochi_crm_client_*``
+series and the webhooks' ``vochi_call_service_*`` (docs/operations.md).
 
 Replies: 200 ``{"status": "queued"|"skipped", ...}``; 400 unparseable JSON; 401 no Token; 403
 unknown Token; 413 body too large; 422 a payload that cannot be a call event; 503 the matrix could
@@ -18,14 +19,18 @@ import json
 import logging
 import os
 import sys
+import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from adapters.fastapi import crm_lifespan, get_crm, operations_router
 from adapters.translate import Skipped, Translator
@@ -82,6 +87,26 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
+class _WebhookCollector(Collector):
+    """The webhook counters of ``/stats`` as ``vochi_call_service_*_total`` families."""
+
+    def __init__(self, webhooks: _Webhooks) -> None:
+        self._webhooks = webhooks
+
+    def collect(self) -> Iterator[Metric]:
+        hooks = self._webhooks
+        families = (
+            ("webhooks", "Host webhooks received, by event", "event", hooks.received),
+            ("skipped_webhooks", "Webhooks not forwarded, by reason", "reason", hooks.skipped),
+            ("webhook_errors", "Webhooks answered with an error, by code", "code", hooks.errors),
+        )
+        for name, doc, label, counts in families:
+            family = CounterMetricFamily(f"vochi_call_service_{name}", doc, labels=[label])
+            for value, count in sorted(counts.items()):
+                family.add_metric([value], float(count))
+            yield family
+
+
 class _Webhooks:
     """The webhook handler and its counters (one per app)."""
 
@@ -94,6 +119,15 @@ class _Webhooks:
         self.received: Counter[str] = Counter()
         self.skipped: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
+        self.registry = CollectorRegistry()
+        self.registry.register(_WebhookCollector(self))
+        self.ack_seconds = Histogram(
+            "vochi_call_service_webhook_duration_seconds",
+            "Time to answer a host webhook (the host gives up after 3 s), by event",
+            ["event"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 3.0),
+            registry=self.registry,
+        )
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -174,12 +208,12 @@ def create_app(settings: CallServiceSettings) -> FastAPI:
 
     app = FastAPI(
         title="vochi-call-service",
-        lifespan=crm_lifespan(make_client),
+        lifespan=crm_lifespan(make_client, registry=webhooks.registry),
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
     )
-    app.include_router(operations_router(extra_stats=webhooks.stats))
+    app.include_router(operations_router(extra_stats=webhooks.stats, registry=webhooks.registry))
 
     for host_event in WEBHOOKS:
         _add_webhook(app, webhooks, host_event)
@@ -187,8 +221,14 @@ def create_app(settings: CallServiceSettings) -> FastAPI:
 
 
 def _add_webhook(app: FastAPI, webhooks: _Webhooks, host_event: str) -> None:
+    ack = webhooks.ack_seconds.labels(host_event)
+
     async def webhook(request: Request) -> Response:
-        return await webhooks.handle(request, host_event)
+        started = time.perf_counter()
+        try:
+            return await webhooks.handle(request, host_event)
+        finally:
+            ack.observe(time.perf_counter() - started)
 
     app.add_api_route(f"/{host_event}", webhook, methods=["POST"], name=host_event)
 

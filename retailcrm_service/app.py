@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -45,7 +46,7 @@ def _lifespan(parts: Collection[str]) -> Callable[[FastAPI], Any]:
 
 
 class _RequestMetrics:
-    """Counts requests by route template (never by raw path: no ids or tokens in labels)."""
+    """Counts and times requests by route template (not raw paths: no ids or tokens in labels)."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -56,6 +57,7 @@ class _RequestMetrics:
             await self.app(scope, receive, send)
             return
         status = 500
+        started = time.perf_counter()
 
         async def send_wrapper(message: Any) -> None:
             nonlocal status
@@ -69,6 +71,9 @@ class _RequestMetrics:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             self.metrics.http_requests.labels(template, scope["method"], str(status)).inc()
+            self.metrics.http_seconds.labels(template, scope["method"]).observe(
+                time.perf_counter() - started
+            )
 
 
 def create_app(settings: Settings, *, parts: Collection[str] = ALL_PARTS) -> FastAPI:
