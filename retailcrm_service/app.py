@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from retailcrm_service import __version__
 from retailcrm_service.api import include_routers
 from retailcrm_service.api.http import install_error_handlers
+from retailcrm_service.ops.logs import RequestIdMiddleware, register_secret
 from retailcrm_service.ops.metrics import Metrics
 from retailcrm_service.runtime import ALL_PARTS, open_runtime
 from retailcrm_service.settings import Settings
@@ -95,6 +96,8 @@ def create_app(settings: Settings, *, parts: Collection[str] = ALL_PARTS) -> Fas
     static_dir = resources.files("retailcrm_service") / "static"
     app.mount("/retailcrm-admin/static", StaticFiles(directory=str(static_dir)), name="static")
     app.add_middleware(_RequestMetrics, metrics=metrics)
+    # Outermost: the request id is set for every log line of the request, errors included.
+    app.add_middleware(RequestIdMiddleware)
     return app
 
 
@@ -104,10 +107,19 @@ def serve(settings: Settings) -> None:
 
     from retailcrm_service.storage.database import migrate
 
+    for secret in (settings.jwt_secret, settings.secret_key, settings.internal_token):
+        if secret is not None:
+            register_secret(secret.get_secret_value())
     asyncio.run(migrate(settings.database_url.get_secret_value()))
     app = create_app(settings)
     # No access log: a one-time login link carries its token in the query string.
+    # log_config=None: uvicorn's loggers propagate to the one handler of ops.logs.configure.
     with contextlib.suppress(KeyboardInterrupt):
         uvicorn.run(
-            app, host=settings.host, port=settings.port, access_log=False, proxy_headers=False
+            app,
+            host=settings.host,
+            port=settings.port,
+            access_log=False,
+            proxy_headers=False,
+            log_config=None,
         )

@@ -71,6 +71,12 @@ async def post_events(request: Request) -> JSONResponse:
         metrics.intake_commit_seconds.observe(time.perf_counter() - started)
     accepted = sum(fresh)
     pipeline(request).count(accepted, len(fresh) - accepted, len(rejected))
+    logger.debug(
+        "events.committed accepted=%d duplicates=%d rejected=%d",
+        accepted,
+        len(fresh) - accepted,
+        len(rejected),
+    )
     return JSONResponse(
         {"accepted": accepted, "duplicates": len(fresh) - accepted, "rejected": rejected},
         status_code=202,
