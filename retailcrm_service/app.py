@@ -105,12 +105,14 @@ def serve(settings: Settings) -> None:
     """``retailcrm-service serve``: migrate, then run the app under uvicorn."""
     import uvicorn
 
+    from retailcrm_service.ops.instances import check_scale_out
     from retailcrm_service.storage.database import migrate
 
     for secret in (settings.jwt_secret, settings.secret_key, settings.internal_token):
         if secret is not None:
             register_secret(secret.get_secret_value())
     asyncio.run(migrate(settings.database_url.get_secret_value()))
+    asyncio.run(check_scale_out(settings))
     app = create_app(settings)
     # No access log: a one-time login link carries its token in the query string.
     # log_config=None: uvicorn's loggers propagate to the one handler of ops.logs.configure.

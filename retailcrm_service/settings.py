@@ -177,6 +177,9 @@ class Settings:
     db_pool_max_size: int = 10
     asterisk: AsteriskSettings = field(default_factory=AsteriskSettings)
     pipeline: PipelineSettings = field(default_factory=lambda: PipelineSettings())
+    # Development fall-backs in use: one instance only (retailcrm_service/ops/instances.py).
+    embedded_database: bool = False
+    jwt_secret_generated: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -233,6 +236,8 @@ class Settings:
             retailcrm_timeout=_float(env, "RETAILCRM_API_TIMEOUT", 3.0),
             asterisk=asterisk_from(env),
             pipeline=pipeline_from(env),
+            embedded_database=not env.get("DATABASE_URL", "").strip(),
+            jwt_secret_generated=not jwt_raw,
         )
         return _built(cls, values, _FIELD_VARIABLES)
 

@@ -24,6 +24,7 @@ def _render(service_port: int, listen_port: int, prefix: Path) -> Path:
     assert "listen 127.0.0.1:80;" in site
     site = (
         site.replace("127.0.0.1:8019", f"127.0.0.1:{service_port}")
+        .replace("127.0.0.1:8020", f"127.0.0.1:{service_port}")
         .replace("listen 127.0.0.1:80;", f"listen 127.0.0.1:{listen_port};")
         .replace("/var/log/nginx/retailcrm_access.log", str(prefix / "access.log"))
     )
