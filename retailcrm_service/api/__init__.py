@@ -7,7 +7,15 @@ from fastapi import FastAPI
 
 def include_routers(app: FastAPI) -> None:
     """Every area's router, in the order their routes are matched."""
-    from retailcrm_service.api import admin, callbacks, config, events, ops, smart_redirect
+    from retailcrm_service.api import (
+        admin,
+        callbacks,
+        config,
+        events,
+        openapi,
+        ops,
+        smart_redirect,
+    )
 
-    for module in (ops, config, admin, events, smart_redirect, callbacks):
+    for module in (ops, openapi, config, admin, events, smart_redirect, callbacks):
         app.include_router(module.router)
