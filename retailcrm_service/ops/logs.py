@@ -46,7 +46,7 @@ _DSN_PASSWORD: Final = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]+@",
 _secrets: set[str] = set()
 _HANDLER_NAME: Final = "vochi-log"
 # Chatty third-party loggers: pgserver echoes initdb's output, httpx logs every request.
-_QUIET: Final = ("pgserver", "httpx", "httpcore", "asyncssh")
+_QUIET: Final = ("pgserver", "httpx", "httpcore")
 
 
 def register_secret(value: str | None) -> None:
