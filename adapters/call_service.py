@@ -312,13 +312,15 @@ def _add_webhook(app: FastAPI, webhooks: _Webhooks, host_event: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from retailcrm_service.cli import OneLineErrorParser, port_number
+
+    parser = OneLineErrorParser(
         prog="vochi-call-service",
         description="The reference call service: host webhooks -> vochi_crm_client -> CRMs.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--host", default="127.0.0.1", help="address (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    parser.add_argument("--port", type=port_number, default=8000, help="port (default: 8000)")
     parser.add_argument(
         "--target",
         action="append",

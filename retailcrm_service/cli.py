@@ -70,7 +70,8 @@ def _cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
-def _port(raw: str) -> int:
+def port_number(raw: str) -> int:
+    """An argparse type: a TCP port, 1..65535."""
     try:
         value = int(raw)
     except ValueError:
@@ -90,17 +91,17 @@ def _positive_int(raw: str) -> int:
     return value
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineErrorParser(argparse.ArgumentParser):
     """argparse, with a usage error on one line (and no usage block above it)."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _common_options(*, top: bool) -> _Parser:
+def _common_options(*, top: bool) -> OneLineErrorParser:
     """``--log-level`` and ``--log-format``; after the command they default to "not given", so
     a value given before the command is not overwritten."""
-    parent = _Parser(add_help=False)
+    parent = OneLineErrorParser(add_help=False)
     group = parent.add_argument_group("common options (before or after the command)")
     group.add_argument(
         "--log-level",
@@ -120,7 +121,7 @@ def _common_options(*, top: bool) -> _Parser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineErrorParser(
         prog=PROG,
         description="The RetailCRM integration service of the Vochi PBX.",
         parents=[_common_options(top=True)],
@@ -137,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", default=None, help="address to listen on (default: RETAILCRM_HOST or 127.0.0.1)"
     )
     serve.add_argument(
-        "--port", type=_port, default=None, help="port (default: RETAILCRM_PORT or 8019)"
+        "--port", type=port_number, default=None, help="port (default: RETAILCRM_PORT or 8019)"
     )
     serve.set_defaults(func=_cmd_serve)
 
@@ -146,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sandbox = command("sandbox", "run the RetailCRM API v5 emulator")
     sandbox.add_argument("--host", default="127.0.0.1", help="address (default: 127.0.0.1)")
-    sandbox.add_argument("--port", type=_port, default=8090, help="port (default: 8090)")
+    sandbox.add_argument("--port", type=port_number, default=8090, help="port (default: 8090)")
     sandbox.add_argument(
         "--api-key",
         action="append",
@@ -163,13 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = command("demo", "run the whole system locally with the sandbox")
     demo.add_argument(
-        "--sandbox-port", type=_port, default=8090, help="sandbox port (default: 8090)"
+        "--sandbox-port", type=port_number, default=8090, help="sandbox port (default: 8090)"
     )
     demo.add_argument(
-        "--service-port", type=_port, default=8019, help="service port (default: 8019)"
+        "--service-port", type=port_number, default=8019, help="service port (default: 8019)"
     )
     demo.add_argument(
-        "--call-service-port", type=_port, default=8000, help="call service port (default: 8000)"
+        "--call-service-port",
+        type=port_number,
+        default=8000,
+        help="call service port (default: 8000)",
     )
     demo.add_argument(
         "--no-wait",

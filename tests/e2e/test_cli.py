@@ -115,3 +115,19 @@ def test_log_options_work_before_and_after_the_command() -> None:
     assert args.log_level == "DEBUG"
     args = build_parser().parse_args(["migrate", "--log-format", "json"])
     assert (args.log_level, args.log_format) == ("INFO", "json")
+
+
+@pytest.mark.parametrize("argv", [("--port", "x"), ("--log-level", "foo"), ("--target", "bad")])
+def test_the_call_service_refuses_a_bad_command_line_in_one_line(argv: tuple[str, ...]) -> None:
+    result = subprocess.run(
+        [_command("vochi-call-service"), *argv],
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "DATABASE_URL": "postgresql://h:1/x"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("vochi-call-service")
