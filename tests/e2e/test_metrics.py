@@ -20,7 +20,7 @@ from tests.support.pipeline import (  # noqa: F401  (api_key, crm, enterprise: p
     fixture_records,
     wait_drained,
 )
-from tests.support.procs import ServiceProcess
+from tests.support.procs import REPO_ROOT, ServiceProcess
 
 
 def _scrape(url: str) -> tuple[dict[str, str], list[Sample]]:
@@ -36,6 +36,18 @@ def _value(samples: list[Sample], name: str, **labels: str) -> float:
     found = [s.value for s in samples if s.name == name and labels.items() <= s.labels.items()]
     assert found, f"no sample {name}{labels}"
     return sum(found)
+
+
+def _assert_documented(types: dict[str, str]) -> None:
+    """Every family is in docs/operations.md's tables (by its name without the prefix)."""
+    guide = (REPO_ROOT / "docs" / "operations.md").read_text()
+    for name, kind in types.items():
+        if name.endswith("_created"):  # prometheus-client's creation time of a counter/histogram
+            continue
+        short = re.sub(r"^(retailcrm_service|vochi_crm_client)_", "", name)
+        if kind == "counter":
+            short += "_total"
+        assert f"{short}`" in guide, name
 
 
 def _assert_prometheus_conventions(
@@ -83,6 +95,8 @@ def test_metrics_of_both_programs_are_typed_labelled_and_have_latency_histograms
 
     _assert_prometheus_conventions(call_types, call_samples, enterprise)
     _assert_prometheus_conventions(types, samples, enterprise)
+    _assert_documented(call_types)
+    _assert_documented(types)
 
     # the call service: its webhooks and the library's counters, by label
     assert _value(call_samples, "vochi_call_service_webhooks_total", event="dial") == 7
