@@ -154,6 +154,10 @@ def test_an_instance_killed_mid_stream_loses_nothing_and_the_other_keeps_serving
         ):
             for n in range(ROUNDS):
                 if n == KILL_AFTER:
+                    # nginx spread the stream over both instances before one dies
+                    for proc in (first, second):
+                        stats = http.get(f"{proc.url}/stats").json()
+                        assert stats["outbox"]["intake"]["accepted"] > 0
                     first.kill()  # SIGKILL: leases lapse, the other instance takes over
                 for record in fixture_records():
                     body = _round(record, n)
