@@ -3,12 +3,17 @@
 It receives the Asterisk hosts' webhooks (``POST /start /dial /bridge /hangup``; recovered hangups
 as ``POST /hangup`` with ``origin: "download"``, or ``POST /download``), resolves the ``Token``
 (header or body) to the enterprise through the matrix, translates the payload and answers 200 right
-after ``emit``: the host's 3 s timeout never depends on a CRM. ``/health`` and ``/stats`` come from
-``adapters.fastapi``.
+after ``emit``: the host's 3 s timeout never depends on a CRM. ``/health``, ``/stats`` and
+``/metrics`` come from ``adapters.fastapi``; ``/metrics`` has the library's ``vochi_crm_client_*``
+series and the webhooks' ``vochi_call_service_*`` (docs/operations.md).
 
 Replies: 200 ``{"status": "queued"|"skipped", ...}``; 400 unparseable JSON; 401 no Token; 403
 unknown Token; 413 body too large; 422 a payload that cannot be a call event; 503 the matrix could
 not be read for a Token never seen before. Errors are ``{"error": {"code", "message"}}``.
+
+Request ids: every webhook gets one (``X-Request-ID`` taken or made, returned, in its log lines),
+and each batch POST to a CRM carries the ids of the webhooks whose events it holds
+(``X-Request-ID: id1,id2``, up to 16), so one call can be followed into the service's logs.
 """
 
 from __future__ import annotations
@@ -17,18 +22,33 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from adapters.fastapi import crm_lifespan, get_crm, operations_router
 from adapters.translate import Skipped, Translator
+from retailcrm_service import __version__
+from retailcrm_service.ops.logs import (
+    FORMATS,
+    LEVELS,
+    REQUEST_ID,
+    RequestIdMiddleware,
+    configure,
+    valid_request_id,
+)
 from vochi_crm_client import NOT_LOADED, CrmClient, VochiCrmError, mask_token
 
 __all__ = ["CallServiceSettings", "create_app", "main", "parse_targets"]
@@ -80,6 +100,74 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
+_CALL_ID: Final = re.compile(rb'"call_unique_id":"((?:[^"\\]|\\.)*)"')
+_MAX_IDS: Final = 16
+
+
+class _RequestIds:
+    """Which webhook requests each recent call's events came from (bounded, oldest forgotten)."""
+
+    def __init__(self, max_calls: int = 10_000) -> None:
+        self._by_call: OrderedDict[str, list[str]] = OrderedDict()
+        self._max = max_calls
+
+    def note(self, call_unique_id: str) -> None:
+        request_id = REQUEST_ID.get()
+        if request_id is None:
+            return
+        ids = self._by_call.pop(call_unique_id, [])
+        if request_id not in ids:
+            ids = [*ids[-3:], request_id]
+        self._by_call[call_unique_id] = ids
+        while len(self._by_call) > self._max:
+            self._by_call.popitem(last=False)
+
+    def for_batch(self, body: bytes) -> str | None:
+        found: list[str] = []
+        for raw in dict.fromkeys(_CALL_ID.findall(body)):
+            for request_id in self._by_call.get(raw.decode("utf-8", "replace"), ()):
+                if request_id not in found:
+                    found.append(request_id)
+        return valid_request_id(",".join(found[:_MAX_IDS])) if found else None
+
+
+class _RequestIdTransport(httpx.AsyncBaseTransport):
+    """Adds the batch's webhook request ids to every batch POST as ``X-Request-ID``."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, ids: _RequestIds) -> None:
+        self._inner = inner
+        self._ids = ids
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        request_id = self._ids.for_batch(request.content)
+        if request_id is not None:
+            request.headers["X-Request-ID"] = request_id
+        return await self._inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class _WebhookCollector(Collector):
+    """The webhook counters of ``/stats`` as ``vochi_call_service_*_total`` families."""
+
+    def __init__(self, webhooks: _Webhooks) -> None:
+        self._webhooks = webhooks
+
+    def collect(self) -> Iterator[Metric]:
+        hooks = self._webhooks
+        families = (
+            ("webhooks", "Host webhooks received, by event", "event", hooks.received),
+            ("skipped_webhooks", "Webhooks not forwarded, by reason", "reason", hooks.skipped),
+            ("webhook_errors", "Webhooks answered with an error, by code", "code", hooks.errors),
+        )
+        for name, doc, label, counts in families:
+            family = CounterMetricFamily(f"vochi_call_service_{name}", doc, labels=[label])
+            for value, count in sorted(counts.items()):
+                family.add_metric([value], float(count))
+            yield family
+
+
 class _Webhooks:
     """The webhook handler and its counters (one per app)."""
 
@@ -92,6 +180,16 @@ class _Webhooks:
         self.received: Counter[str] = Counter()
         self.skipped: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
+        self.request_ids = _RequestIds()
+        self.registry = CollectorRegistry()
+        self.registry.register(_WebhookCollector(self))
+        self.ack_seconds = Histogram(
+            "vochi_call_service_webhook_duration_seconds",
+            "Time to answer a host webhook (the host gives up after 3 s), by event",
+            ["event"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 3.0),
+            registry=self.registry,
+        )
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -127,7 +225,14 @@ class _Webhooks:
         if isinstance(result, Skipped):
             self.skipped[result.reason] += 1
             return JSONResponse({"status": "skipped", "reason": result.reason})
+        self.request_ids.note(result.call_unique_id)
         crm.emit(result)
+        logger.debug(
+            "call_service.queued event=%s enterprise=%s call=%s",
+            result.event_type,
+            number,
+            result.call_unique_id,
+        )
         return Response(_QUEUED, media_type="application/json")
 
     async def _read_body(self, request: Request) -> dict[str, Any] | Response:
@@ -168,36 +273,52 @@ def create_app(settings: CallServiceSettings) -> FastAPI:
     webhooks = _Webhooks(settings)
 
     def make_client() -> CrmClient:
-        return CrmClient(dsn=settings.dsn, targets=settings.targets, **settings.client_options)
+        options = dict(settings.client_options)
+        n = int(options.get("max_in_flight", 4))
+        inner = options.pop("transport", None) or httpx.AsyncHTTPTransport(
+            limits=httpx.Limits(max_connections=n, max_keepalive_connections=n)
+        )
+        transport = _RequestIdTransport(inner, webhooks.request_ids)
+        return CrmClient(dsn=settings.dsn, targets=settings.targets, transport=transport, **options)
 
     app = FastAPI(
         title="vochi-call-service",
-        lifespan=crm_lifespan(make_client),
+        lifespan=crm_lifespan(make_client, registry=webhooks.registry),
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
     )
-    app.include_router(operations_router(extra_stats=webhooks.stats))
+    app.include_router(operations_router(extra_stats=webhooks.stats, registry=webhooks.registry))
 
     for host_event in WEBHOOKS:
         _add_webhook(app, webhooks, host_event)
+    app.add_middleware(RequestIdMiddleware)
     return app
 
 
 def _add_webhook(app: FastAPI, webhooks: _Webhooks, host_event: str) -> None:
+    ack = webhooks.ack_seconds.labels(host_event)
+
     async def webhook(request: Request) -> Response:
-        return await webhooks.handle(request, host_event)
+        started = time.perf_counter()
+        try:
+            return await webhooks.handle(request, host_event)
+        finally:
+            ack.observe(time.perf_counter() - started)
 
     app.add_api_route(f"/{host_event}", webhook, methods=["POST"], name=host_event)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from retailcrm_service.cli import OneLineErrorParser, port_number
+
+    parser = OneLineErrorParser(
         prog="vochi-call-service",
         description="The reference call service: host webhooks -> vochi_crm_client -> CRMs.",
     )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--host", default="127.0.0.1", help="address (default: 127.0.0.1)")
+    parser.add_argument("--port", type=port_number, default=8000, help="port (default: 8000)")
     parser.add_argument(
         "--target",
         action="append",
@@ -206,9 +327,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="a CRM target (repeatable); default: $VOCHI_CRM_TARGETS or " + DEFAULT_TARGETS,
     )
     parser.add_argument(
-        "--forward-internal", action="store_true", help="also send internal calls (CallType 2)"
+        "--forward-internal",
+        action="store_true",
+        help="also send internal calls (CallType 2) (default: not sent)",
     )
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LEVELS,
+        default="INFO",
+        metavar="LEVEL",
+        help=f"log level: {', '.join(LEVELS)} (default: INFO)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default=None,
+        help="key=value text or JSON (default: RETAILCRM_LOG_FORMAT or text)",
+    )
     return parser
 
 
@@ -229,11 +365,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The ``vochi-call-service`` console script."""
     import uvicorn
 
+    from retailcrm_service.settings import log_format_from
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
     try:
+        configure(args.log_level, args.log_format or log_format_from(os.environ))
         settings = settings_from(args, os.environ)
     except ValueError as exc:
         print(f"vochi-call-service: {exc}", file=sys.stderr)
@@ -250,6 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=args.port,
         log_level=args.log_level.lower(),
         access_log=False,
+        log_config=None,  # uvicorn's loggers go through the one handler of configure()
     )
     return 0
 

@@ -1,9 +1,15 @@
-"""FastAPI glue: a lifespan that owns a ``CrmClient``, a dependency to reach it, /health and /stats.
+"""FastAPI glue: a lifespan that owns a ``CrmClient``, a dependency to reach it, /health, /stats
+and /metrics.
 
 ::
 
-    app = FastAPI(lifespan=crm_lifespan(lambda: CrmClient(dsn=..., targets=...)))
-    app.include_router(operations_router())
+    registry = CollectorRegistry()
+    app = FastAPI(lifespan=crm_lifespan(lambda: CrmClient(dsn=..., targets=...), registry=registry))
+    app.include_router(operations_router(registry=registry))
+
+With a ``registry``, the lifespan registers the client's collector
+(``vochi_crm_client.prometheus.CrmClientCollector``) for as long as the client is open, and the
+router serves the registry as ``GET /metrics``.
 
     @app.post("/dial")
     async def dial(crm: CrmDep) -> dict: ...
@@ -19,8 +25,11 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from vochi_crm_client import CrmClient
+from vochi_crm_client.prometheus import CrmClientCollector
 
 __all__ = ["CrmDep", "crm_lifespan", "get_crm", "operations_router"]
 
@@ -31,17 +40,26 @@ def crm_lifespan(
     make_client: Callable[[], CrmClient],
     *,
     inner: Lifespan | None = None,
+    registry: CollectorRegistry | None = None,
 ) -> Lifespan:
-    """A lifespan that opens ``make_client()`` for the app's lifetime (and then ``inner``'s)."""
+    """A lifespan that opens ``make_client()`` for the app's lifetime (and then ``inner``'s);
+    with ``registry``, the client's counters are in it while the client is open."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         async with make_client() as crm:
-            if inner is None:
-                yield {"crm": crm}
-                return
-            async with inner(app) as state:
-                yield {**(state or {}), "crm": crm}
+            collector = CrmClientCollector(lambda: crm)
+            if registry is not None:
+                registry.register(collector)
+            try:
+                if inner is None:
+                    yield {"crm": crm}
+                    return
+                async with inner(app) as state:
+                    yield {**(state or {}), "crm": crm}
+            finally:
+                if registry is not None:
+                    registry.unregister(collector)
 
     return lifespan
 
@@ -57,8 +75,13 @@ def get_crm(request: Request) -> CrmClient:
 CrmDep = Annotated[CrmClient, Depends(get_crm)]
 
 
-def operations_router(*, extra_stats: Callable[[], dict[str, Any]] | None = None) -> APIRouter:
-    """``GET /health`` (the client's summary), ``GET /stats`` (its counters and ``extra_stats``).
+def operations_router(
+    *,
+    extra_stats: Callable[[], dict[str, Any]] | None = None,
+    registry: CollectorRegistry | None = None,
+) -> APIRouter:
+    """``GET /health`` (the client's summary), ``GET /stats`` (its counters and ``extra_stats``),
+    and with ``registry`` ``GET /metrics`` (the registry in Prometheus' text format).
 
     ``/health`` answers 200 even when a CRM is down: the call service itself is healthy, since
     emit never waits on a CRM; the body says ``degraded`` and which breaker is open.
@@ -75,5 +98,11 @@ def operations_router(*, extra_stats: Callable[[], dict[str, Any]] | None = None
         if extra_stats is not None:
             out.update(extra_stats())
         return out
+
+    if registry is not None:
+
+        @router.get("/metrics")
+        async def metrics() -> Response:
+            return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return router

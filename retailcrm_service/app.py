@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -29,6 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from retailcrm_service import __version__
 from retailcrm_service.api import include_routers
 from retailcrm_service.api.http import install_error_handlers
+from retailcrm_service.ops.logs import RequestIdMiddleware, register_secret
 from retailcrm_service.ops.metrics import Metrics
 from retailcrm_service.runtime import ALL_PARTS, open_runtime
 from retailcrm_service.security.admin_auth import PUBLIC_SIDE
@@ -53,7 +55,7 @@ def _lifespan(parts: Collection[str]) -> Callable[[FastAPI], Any]:
 
 
 class _RequestMetrics:
-    """Counts requests by route template (never by raw path: no ids or tokens in labels)."""
+    """Counts and times requests by route template (not raw paths: no ids or tokens in labels)."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -64,6 +66,7 @@ class _RequestMetrics:
             await self.app(scope, receive, send)
             return
         status = 500
+        started = time.perf_counter()
 
         async def send_wrapper(message: Any) -> None:
             nonlocal status
@@ -77,6 +80,9 @@ class _RequestMetrics:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             self.metrics.http_requests.labels(template, scope["method"], str(status)).inc()
+            self.metrics.http_seconds.labels(template, scope["method"]).observe(
+                time.perf_counter() - started
+            )
 
 
 ADMIN_PREFIX = "/retailcrm-admin"
@@ -184,6 +190,8 @@ def create_app(settings: Settings, *, parts: Collection[str] = ALL_PARTS) -> Fas
     app.add_middleware(_AdminHeaders)
     app.add_middleware(_RequestMetrics, metrics=metrics)
     app.add_middleware(_Sides, public_port=settings.public_port)
+    # Outermost: the request id is set for every log line of the request, errors included.
+    app.add_middleware(RequestIdMiddleware)
     return app
 
 
@@ -191,12 +199,23 @@ def serve(settings: Settings) -> None:
     """``retailcrm-service serve``: migrate, then run the app under uvicorn."""
     import uvicorn
 
+    from retailcrm_service.ops.instances import check_scale_out
     from retailcrm_service.storage.database import migrate
 
+    for secret in (settings.jwt_secret, settings.secret_key, settings.internal_token):
+        if secret is not None:
+            register_secret(secret.get_secret_value())
     asyncio.run(migrate(settings.database_url.get_secret_value()))
+    asyncio.run(check_scale_out(settings))
     app = create_app(settings)
     # No access log: a one-time login link carries its token in the query string.
-    options: dict[str, Any] = {"host": settings.host, "access_log": False, "proxy_headers": False}
+    # log_config=None: uvicorn's loggers propagate to the one handler of ops.logs.configure.
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "access_log": False,
+        "proxy_headers": False,
+        "log_config": None,
+    }
     with contextlib.suppress(KeyboardInterrupt):
         if settings.public_port is None:
             uvicorn.run(app, port=settings.port, **options)

@@ -194,7 +194,12 @@ async def open_runtime(
         http = await stack.enter_async_context(
             httpx.AsyncClient(
                 timeout=settings.retailcrm_timeout,
-                limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+                # Every RetailCRM request goes through this client: counted and timed here.
+                transport=metrics.crm_transport(
+                    httpx.AsyncHTTPTransport(
+                        limits=httpx.Limits(max_connections=100, max_keepalive_connections=20)
+                    )
+                ),
                 follow_redirects=False,
             )
         )

@@ -36,6 +36,7 @@ in the error (``SettingsError``); command-line flags are applied over it by the 
 | ``RETAILCRM_SSH_CONNECT_TIMEOUT`` | ``5`` | seconds |
 | ``RETAILCRM_SSH_COMMAND_TIMEOUT`` | ``10`` | seconds |
 | ``RETAILCRM_SSH_IDLE_CLOSE`` | ``60`` | seconds before an idle connection closes |
+| ``RETAILCRM_LOG_FORMAT`` | ``text`` | ``text`` (quoted key=value) or ``json`` (``--log-format``) |
 
 In dev, with no ``RETAILCRM_JWT_SECRET``, a random secret is generated and persisted under the data
 dir (mode 0600) rather than running without auth; a ``settings.jwt_secret_generated`` log line
@@ -188,6 +189,9 @@ class Settings:
     db_pool_max_size: int = 10
     asterisk: AsteriskSettings = field(default_factory=AsteriskSettings)
     pipeline: PipelineSettings = field(default_factory=lambda: PipelineSettings())
+    # Development fall-backs in use: one instance only (retailcrm_service/ops/instances.py).
+    embedded_database: bool = False
+    jwt_secret_generated: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -252,6 +256,8 @@ class Settings:
             dialplan_rps=_positive(env, "RETAILCRM_DIALPLAN_RPS", 20.0),
             asterisk=asterisk_from(env),
             pipeline=pipeline_from(env),
+            embedded_database=not env.get("DATABASE_URL", "").strip(),
+            jwt_secret_generated=not jwt_raw,
         )
         return _built(cls, values, _FIELD_VARIABLES)
 
@@ -292,6 +298,14 @@ def database_url_from(env: Mapping[str, str] | None = None) -> str | None:
     """``DATABASE_URL`` when set (else None: the caller decides on an embedded server)."""
     env = os.environ if env is None else env
     return env.get("DATABASE_URL", "").strip() or None
+
+
+def log_format_from(env: Mapping[str, str]) -> str:
+    """``RETAILCRM_LOG_FORMAT``: ``text`` (default) or ``json``; read before anything logs."""
+    raw = env.get("RETAILCRM_LOG_FORMAT", "").strip().lower() or "text"
+    if raw not in ("text", "json"):
+        raise SettingsError(f"RETAILCRM_LOG_FORMAT must be text or json, got {raw!r}")
+    return raw
 
 
 def asterisk_from(env: Mapping[str, str]) -> AsteriskSettings:

@@ -13,9 +13,10 @@ def include_routers(app: FastAPI) -> None:
         callbacks,
         config,
         events,
+        openapi,
         ops,
         smart_redirect,
     )
 
-    for module in (ops, config, admin, admin_pages, events, smart_redirect, callbacks):
+    for module in (ops, openapi, config, admin, admin_pages, events, smart_redirect, callbacks):
         app.include_router(module.router)

@@ -154,19 +154,21 @@ def _quantile(values: list[float], q: float) -> float:
 
 
 class _PromMetrics:
-    """Labelled Prometheus series (per enterprise) in the app's registry."""
+    """Prometheus series in the app's registry, by row kind and outcome only: enterprise numbers
+    would make the series count grow with the customer base (per-enterprise counts are in
+    ``stats()``)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.outcomes = Counter(
-            "retailcrm_outbox_outcomes",
-            "Outcomes of delivery attempts and sweeps, per enterprise and row kind",
-            ["enterprise", "kind", "outcome"],
+            "retailcrm_service_delivery_outcomes",
+            "Outcomes of delivery attempts and sweeps, by row kind",
+            ["kind", "outcome"],
             registry=registry,
         )
         self.latency = Histogram(
-            "retailcrm_outbox_delivery_latency_seconds",
-            "From acceptance (commit) to delivery to RetailCRM",
-            ["enterprise", "kind"],
+            "retailcrm_service_delivery_latency_seconds",
+            "From acceptance (commit) to delivery to RetailCRM, by row kind",
+            ["kind"],
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
             registry=registry,
         )
@@ -325,7 +327,7 @@ class DeliveryService:
                 counters = self._count(number)
                 setattr(counters, outcome, getattr(counters, outcome) + 1)
                 if self._prom is not None:
-                    self._prom.outcomes.labels(number, KIND_POPUP, outcome).inc()
+                    self._prom.outcomes.labels(KIND_POPUP, outcome).inc()
         self._backlog = await self.store.backlog()
 
     async def _claim(self) -> bool:
@@ -464,13 +466,13 @@ class DeliveryService:
         now = datetime.now(UTC)
         for outcome in outcomes:
             if self._prom is not None:
-                self._prom.outcomes.labels(number, outcome.row.kind, outcome.result).inc()
+                self._prom.outcomes.labels(outcome.row.kind, outcome.result).inc()
             if outcome.result == "delivered":
                 latency = max(0.0, (now - outcome.row.created_at).total_seconds())
                 counters.delivered += 1
                 counters.latencies.append(latency)
                 if self._prom is not None:
-                    self._prom.latency.labels(number, outcome.row.kind).observe(latency)
+                    self._prom.latency.labels(outcome.row.kind).observe(latency)
             elif outcome.result in ("dead", "skipped"):
                 setattr(counters, outcome.result, getattr(counters, outcome.result) + 1)
             elif outcome.result == "deferred":

@@ -45,6 +45,8 @@ def _render(ports: Ports, prefix: Path) -> Path:
     site = (
         site.replace("127.0.0.1:8019", f"127.0.0.1:{ports.service}")
         .replace("127.0.0.1:8020", f"127.0.0.1:{ports.service_public}")
+        .replace("127.0.0.1:8021", f"127.0.0.1:{ports.service}")
+        .replace("127.0.0.1:8022", f"127.0.0.1:{ports.service_public}")
         .replace("listen 127.0.0.1:80;", f"listen 127.0.0.1:{ports.internal};")
         .replace("listen 8080;", f"listen 127.0.0.1:{ports.public};")
         .replace("/var/log/nginx/retailcrm_access.log", str(prefix / "access.log"))

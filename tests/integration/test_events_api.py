@@ -130,10 +130,10 @@ def test_every_fixture_call_reaches_the_sandbox_exactly(
     assert stats["enterprises"]["0367"]["calls_uploaded"] == 4
     metrics = httpx.get(service.url + "/metrics", timeout=5).text
     assert (
-        'retailcrm_outbox_outcomes_total{enterprise="0367",kind="history",outcome="delivered"} 4.0'
+        'retailcrm_service_delivery_outcomes_total{kind="history",outcome="delivered"} 4.0'
         in metrics
     )
-    assert 'retailcrm_outbox_delivery_latency_seconds_count{enterprise="0367"' in metrics
+    assert 'retailcrm_service_delivery_latency_seconds_count{kind="history"} 4.0' in metrics
 
 
 def test_duplicates_are_reported_and_bad_events_rejected_alone(

@@ -44,7 +44,10 @@ async def test_health_stats_and_metrics_report_the_core(
     routes = {s.labels["route"] for s in requests.samples}
     assert "/api/config/{enterprise_number}" in routes
     assert "/api/config/0367" not in routes
-    assert "retailcrm_service_config_cache_full_reloads" in families
+    reloads = families["retailcrm_service_cache_full_reloads"]
+    assert reloads.type == "counter"
+    assert [s.labels for s in reloads.samples if s.name.endswith("_total")] == [{"cache": "config"}]
+    assert families["retailcrm_service_listener_connected"].samples[0].value == 1
 
 
 async def test_health_degrades_while_the_database_is_down_and_recovers(
