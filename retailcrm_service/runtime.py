@@ -228,6 +228,7 @@ async def open_runtime(
                     outbox=settings.pipeline.outbox,
                     delivery=settings.pipeline.delivery,
                     registry=metrics.registry,
+                    listen_dsn=settings.database_url.get_secret_value(),
                 )
             )
             _stats_source(stack, metrics, "outbox", runtime.events.stats)

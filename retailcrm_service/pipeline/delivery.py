@@ -51,7 +51,14 @@ from retailcrm_service.crm.mapping import (
     valid_timezone,
 )
 from retailcrm_service.crm.pacing import Pacer, PacingConfig
-from retailcrm_service.pipeline.outbox import OutboxConfig, OutboxRow, OutboxStore, Outcome
+from retailcrm_service.pipeline.outbox import (
+    NOTIFY_CHANNEL,
+    OutboxConfig,
+    OutboxRow,
+    OutboxStore,
+    Outcome,
+)
+from vochi_crm_client import ChangeListener, ListenerSettings
 from vochi_crm_client._breaker import Breaker
 from vochi_crm_client._config import BreakerConfig
 
@@ -186,6 +193,7 @@ class DeliveryService:
         rng: random.Random | None = None,
         registry: CollectorRegistry | None = None,
         pacer: Pacer | None = None,
+        listen_dsn: str | None = None,
     ) -> None:
         self.config = config or DeliveryConfig()
         self._prom = _PromMetrics(registry) if registry is not None else None
@@ -207,6 +215,20 @@ class DeliveryService:
         self._stopping = asyncio.Event()
         self._tasks: asyncio.TaskGroup | None = None
         self._backlog: dict[str, Any] = {}
+        # With a DSN, a dedicated connection listens for the outbox's commit notifications (any
+        # instance's): new rows are claimed when they commit, not at the next poll.
+        self._listener = (
+            ChangeListener(
+                dsn=listen_dsn,
+                on_change=lambda _change: self.wake(),
+                on_reload=self._woken_after_reconnect,
+                settings=ListenerSettings(
+                    channel=NOTIFY_CHANNEL, application_name="retailcrm-delivery-listener"
+                ),
+            )
+            if listen_dsn
+            else None
+        )
         self.loop_errors = 0
         self.instances = 1
 
@@ -218,6 +240,8 @@ class DeliveryService:
                 timeout=self.config.request_timeout,
                 limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
             )
+        if self._listener is not None:
+            await self._listener.__aenter__()
         self._tasks = asyncio.TaskGroup()
         await self._tasks.__aenter__()
         self._tasks.create_task(self._run())
@@ -239,6 +263,8 @@ class DeliveryService:
             logger.warning("delivery.close_timeout: in-flight rows stay leased until expiry")
         finally:
             self._tasks = None
+            if self._listener is not None:
+                await self._listener.__aexit__(None, None, None)
             with contextlib.suppress(Exception):  # best effort: the heartbeat also expires
                 await asyncio.wait_for(self.store.leave(), 2.0)
             if self._own_http and self._http is not None:
@@ -247,6 +273,10 @@ class DeliveryService:
     def wake(self) -> None:
         """New rows were committed: claim now instead of at the next poll."""
         self._wakeup.set()
+
+    async def _woken_after_reconnect(self) -> None:
+        # Notifications sent while the listener was away are lost: look for due rows now.
+        self.wake()
 
     # -- observability ----------------------------------------------------------------------------
 

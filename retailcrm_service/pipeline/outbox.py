@@ -101,6 +101,13 @@ class OutboxConfig:
 
 # -- intake -------------------------------------------------------------------------------------
 
+# Every commit that stores new rows sends one NOTIFY on this channel (delivered by PostgreSQL at
+# commit, folded to one per transaction): the delivery workers of every instance listen to it, so
+# rows committed by one instance are claimed at once by any other, not at its next poll. The
+# payload reads as a change of every enterprise to ``vochi_crm_client.parse_change``.
+NOTIFY_CHANNEL = "retailcrm_outbox"
+NOTIFY_PAYLOAD = '{"enterprise_number":"*"}'
+
 # One JSON document per statement: a single C-level dumps in Python and a single parameter to
 # encode, instead of nine arrays (the intake is CPU-bound on small machines). The answer is one
 # row: how many rows were inserted and, only when that is fewer than sent (duplicates), which.
@@ -132,7 +139,8 @@ ORDER BY i.ord
 ON CONFLICT (enterprise_number, idempotency_key) DO NOTHING
 RETURNING enterprise_number, idempotency_key)
 SELECT n, CASE WHEN n < $3 THEN (SELECT array_agg(enterprise_number) FROM ins) END AS ens,
-          CASE WHEN n < $3 THEN (SELECT array_agg(idempotency_key) FROM ins) END AS ikeys
+          CASE WHEN n < $3 THEN (SELECT array_agg(idempotency_key) FROM ins) END AS ikeys,
+          CASE WHEN n > 0 THEN pg_notify($4, $5)::text END AS notified
 FROM (SELECT count(*) AS n FROM ins) AS counted
 """
 
@@ -162,7 +170,9 @@ async def insert_rows(
     """Insert encoded rows (by distinct (enterprise, key)) in one statement; returns the keys
     that were new."""
     document = "[" + ",".join(rows.values()) + "]"
-    answer = await conn.fetchrow(_INSERT, document, popup_ttl, len(rows))
+    answer = await conn.fetchrow(
+        _INSERT, document, popup_ttl, len(rows), NOTIFY_CHANNEL, NOTIFY_PAYLOAD
+    )
     assert answer is not None
     if answer["n"] == len(rows):
         return set(rows)
