@@ -149,6 +149,13 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 """Route parameter annotation: ``runtime: RuntimeDep``."""
 
 
+async def keep_session(conn: asyncpg.Connection) -> None:
+    """The pool's release hook: nothing to send. asyncpg's default sends one more round trip per
+    release (unlock advisory locks, CLOSE ALL, UNLISTEN, RESET ALL) to undo session state, and
+    the service's pooled connections keep none (LISTEN has dedicated connections, the migration
+    lock its own); a transaction left open is still rolled back by the pool itself."""
+
+
 async def _open_listener(configs: ConfigCache, settings: Settings) -> ChangeListener:
     def on_change(change: Change) -> None:
         if change.integration_type in _WATCHED_KEYS:
@@ -178,6 +185,7 @@ async def open_runtime(
             settings.database_url.get_secret_value(),
             min_size=settings.db_pool_min_size,
             max_size=settings.db_pool_max_size,
+            reset=keep_session,
         )
         stack.push_async_callback(pool.close)
         http = await stack.enter_async_context(
