@@ -33,7 +33,7 @@ import httpx
 from fastapi import Depends, Request
 
 from retailcrm_service import __version__
-from retailcrm_service.crm.client import RetailCrmClient
+from retailcrm_service.crm.client import RetailCrmClient, http_client
 from retailcrm_service.crm.pacing import Pacer
 from retailcrm_service.errors import ApiError
 from retailcrm_service.ops.metrics import Metrics
@@ -188,13 +188,7 @@ async def open_runtime(
             reset=keep_session,
         )
         stack.push_async_callback(pool.close)
-        http = await stack.enter_async_context(
-            httpx.AsyncClient(
-                timeout=settings.retailcrm_timeout,
-                limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
-                follow_redirects=False,
-            )
-        )
+        http = await stack.enter_async_context(http_client(timeout=settings.retailcrm_timeout))
         journal = await stack.enter_async_context(
             IntegrationLogWriter(
                 sink=pg_sink(pool),

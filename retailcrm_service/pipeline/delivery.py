@@ -38,6 +38,7 @@ from retailcrm_service.crm.client import (
     RetailCrmClient,
     RetailCrmError,
     RetailCrmRateLimited,
+    http_client,
 )
 from retailcrm_service.crm.mapping import (
     DEFAULT_TIMEZONE,
@@ -236,10 +237,7 @@ class DeliveryService:
 
     async def __aenter__(self) -> DeliveryService:
         if self._http is None:
-            self._http = httpx.AsyncClient(
-                timeout=self.config.request_timeout,
-                limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
-            )
+            self._http = http_client(timeout=self.config.request_timeout, max_connections=64)
         if self._listener is not None:
             await self._listener.__aenter__()
         self._tasks = asyncio.TaskGroup()
