@@ -23,7 +23,7 @@ import random
 import socket
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -216,6 +216,7 @@ class DeliveryService:
         self._stopping = asyncio.Event()
         self._tasks: asyncio.TaskGroup | None = None
         self._backlog: dict[str, Any] = {}
+        self._settler = _Settler(self.store, self._spawn)
         # With a DSN, a dedicated connection listens for the outbox's commit notifications (any
         # instance's): new rows are claimed when they commit, not at the next poll.
         self._listener = (
@@ -267,6 +268,12 @@ class DeliveryService:
                 await asyncio.wait_for(self.store.leave(), 2.0)
             if self._own_http and self._http is not None:
                 await self._http.aclose()
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        # In the task group (settles come from its enterprise tasks), so closing waits for a
+        # settle in flight.
+        assert self._tasks is not None
+        self._tasks.create_task(work)
 
     def wake(self) -> None:
         """New rows were committed: claim now instead of at the next poll."""
@@ -356,7 +363,7 @@ class DeliveryService:
         return bool(rows)
 
     async def _deliver_enterprise(self, number: str, rows: list[OutboxRow]) -> None:
-        settler = _Settler(self.store, lambda outcomes: self._record(number, outcomes))
+        settler = _TaskSettles(self._settler, lambda outcomes: self._record(number, outcomes))
 
         async def settle(outcomes: list[Outcome]) -> None:
             # Settled after every request, in the background (see _Settler): a crash re-sends
@@ -447,43 +454,78 @@ class DeliveryService:
 
 
 class _Settler:
-    """Settles one enterprise task's outcomes while its next request goes out.
+    """Settles the outcomes of every enterprise task of the instance in the background.
 
     Settling after each request used to sit between two requests of the account (one database
-    round trip, plus the wait for a pooled connection when many accounts are busy). Here one
-    settle runs at a time in the background; what accrues meanwhile goes in the next statement.
-    ``add`` raises the first failure of an earlier settle, so the task stops sending (its rows'
-    leases lapse and they are claimed again, as before); ``flush`` waits for everything.
+    round trip, plus the wait for a pooled connection when many accounts are busy), and cost one
+    statement per request. Here one settle statement runs at a time and carries whatever every
+    task added meanwhile; ``add`` returns a future resolved once that statement committed.
     """
 
-    def __init__(self, store: OutboxStore, record: Callable[[list[Outcome]], None]) -> None:
+    def __init__(
+        self, store: OutboxStore, spawn: Callable[[Coroutine[Any, Any, None]], None]
+    ) -> None:
         self._store = store
-        self._record = record
-        self._queued: list[Outcome] = []
-        self._running: asyncio.Task[None] | None = None
+        self._spawn = spawn
+        self._queued: list[tuple[list[Outcome], asyncio.Future[None]]] = []
+        self._draining = False
 
-    def add(self, outcomes: list[Outcome]) -> None:
-        self._raise_failure()
-        self._queued.extend(outcomes)
-        if self._running is None or self._running.done():
-            self._running = asyncio.create_task(self._drain())
-
-    async def flush(self) -> None:
-        while self._running is not None and not self._running.done():
-            await asyncio.shield(self._running)
-        self._raise_failure()
-
-    def _raise_failure(self) -> None:
-        if self._running is not None and self._running.done():
-            exc = None if self._running.cancelled() else self._running.exception()
-            if exc is not None:
-                raise exc
+    def add(self, outcomes: list[Outcome]) -> asyncio.Future[None]:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queued.append((outcomes, done))
+        if not self._draining:
+            self._draining = True
+            self._spawn(self._drain())
+        return done
 
     async def _drain(self) -> None:
-        while self._queued:
-            batch, self._queued = self._queued, []
-            await self._store.settle(batch)
-            self._record(batch)
+        try:
+            while self._queued:
+                batch, self._queued = self._queued, []
+                try:
+                    await self._store.settle([o for outcomes, _ in batch for o in outcomes])
+                except Exception as exc:  # every task of the batch hears it and stops sending
+                    for _, done in batch:
+                        if not done.done():
+                            done.set_exception(exc)
+                    continue
+                for _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
+        finally:
+            self._draining = False
+
+
+class _TaskSettles:
+    """One enterprise task's settles: ``add`` raises the failure of an earlier one (the task
+    stops sending; its rows' leases lapse and they are claimed again, as before), ``flush``
+    waits until all of them committed."""
+
+    def __init__(self, settler: _Settler, record: Callable[[list[Outcome]], None]) -> None:
+        self._settler = settler
+        self._record = record
+        self._waiting: list[tuple[list[Outcome], asyncio.Future[None]]] = []
+
+    def add(self, outcomes: list[Outcome]) -> None:
+        self._collect()
+        self._waiting.append((outcomes, self._settler.add(outcomes)))
+
+    async def flush(self) -> None:
+        for _, done in self._waiting:
+            await asyncio.shield(done)
+        self._collect()
+
+    def _collect(self) -> None:
+        still: list[tuple[list[Outcome], asyncio.Future[None]]] = []
+        for outcomes, done in self._waiting:
+            if not done.done():
+                still.append((outcomes, done))
+                continue
+            exc = done.exception()
+            if exc is not None:
+                raise exc
+            self._record(outcomes)
+        self._waiting = still
 
 
 def _released(rows: Sequence[OutboxRow]) -> list[Outcome]:
