@@ -36,7 +36,7 @@ import httpx
 from fastapi import Depends, Request
 
 from retailcrm_service import __version__
-from retailcrm_service.crm.client import RetailCrmClient
+from retailcrm_service.crm.client import RetailCrmClient, http_client
 from retailcrm_service.crm.connections import Connections
 from retailcrm_service.crm.pacing import Pacer
 from retailcrm_service.errors import ApiError
@@ -156,6 +156,13 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 """Route parameter annotation: ``runtime: RuntimeDep``."""
 
 
+async def keep_session(conn: asyncpg.Connection) -> None:
+    """The pool's release hook: nothing to send. asyncpg's default sends one more round trip per
+    release (unlock advisory locks, CLOSE ALL, UNLISTEN, RESET ALL) to undo session state, and
+    the service's pooled connections keep none (LISTEN has dedicated connections, the migration
+    lock its own); a transaction left open is still rolled back by the pool itself."""
+
+
 async def _open_listener(
     configs: ConfigCache, settings: Settings, tokens: EnterpriseTokens
 ) -> ChangeListener:
@@ -189,19 +196,12 @@ async def open_runtime(
             settings.database_url.get_secret_value(),
             min_size=settings.db_pool_min_size,
             max_size=settings.db_pool_max_size,
+            reset=keep_session,
         )
         stack.push_async_callback(pool.close)
+        # Every RetailCRM request goes through this client: counted and timed by the metrics.
         http = await stack.enter_async_context(
-            httpx.AsyncClient(
-                timeout=settings.retailcrm_timeout,
-                # Every RetailCRM request goes through this client: counted and timed here.
-                transport=metrics.crm_transport(
-                    httpx.AsyncHTTPTransport(
-                        limits=httpx.Limits(max_connections=100, max_keepalive_connections=20)
-                    )
-                ),
-                follow_redirects=False,
-            )
+            http_client(timeout=settings.retailcrm_timeout, wrap=metrics.crm_transport)
         )
         journal = await stack.enter_async_context(
             IntegrationLogWriter(
@@ -256,6 +256,7 @@ async def open_runtime(
                     outbox=settings.pipeline.outbox,
                     delivery=settings.pipeline.delivery,
                     registry=metrics.registry,
+                    listen_dsn=settings.database_url.get_secret_value(),
                 )
             )
             _stats_source(stack, metrics, "outbox", runtime.events.stats)

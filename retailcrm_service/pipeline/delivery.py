@@ -43,6 +43,7 @@ from retailcrm_service.crm.client import (
     RetailCrmClient,
     RetailCrmError,
     RetailCrmRateLimited,
+    http_client,
 )
 from retailcrm_service.crm.mapping import (
     CALL_OUTGOING,
@@ -58,9 +59,22 @@ from retailcrm_service.crm.mapping import (
     valid_timezone,
 )
 from retailcrm_service.crm.pacing import Pacer, PacingConfig
-from retailcrm_service.pipeline.outbox import OutboxConfig, OutboxRow, OutboxStore, Outcome
+from retailcrm_service.pipeline.outbox import (
+    NOTIFY_CHANNEL,
+    OutboxConfig,
+    OutboxRow,
+    OutboxStore,
+    Outcome,
+)
 from retailcrm_service.storage.database import DATABASE_ERRORS
-from vochi_crm_client import BackgroundTasks, Breaker, BreakerConfig, log_unexpected
+from vochi_crm_client import (
+    BackgroundTasks,
+    Breaker,
+    BreakerConfig,
+    ChangeListener,
+    ListenerSettings,
+    log_unexpected,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +211,7 @@ class DeliveryService:
         rng: random.Random | None = None,
         registry: CollectorRegistry | None = None,
         pacer: Pacer | None = None,
+        listen_dsn: str | None = None,
     ) -> None:
         self.config = config or DeliveryConfig()
         self._prom = _PromMetrics(registry) if registry is not None else None
@@ -218,6 +233,20 @@ class DeliveryService:
         self._stopping = asyncio.Event()
         self._tasks = BackgroundTasks("delivery", logger=logger)
         self._backlog: dict[str, Any] = {}
+        # With a DSN, a dedicated connection listens for the outbox's commit notifications (any
+        # instance's): new rows are claimed when they commit, not at the next poll.
+        self._listener = (
+            ChangeListener(
+                dsn=listen_dsn,
+                on_change=lambda _change: self.wake(),
+                on_reload=self._woken_after_reconnect,
+                settings=ListenerSettings(
+                    channel=NOTIFY_CHANNEL, application_name="retailcrm-delivery-listener"
+                ),
+            )
+            if listen_dsn
+            else None
+        )
         self.loop_errors = 0
         self.instances = 1
 
@@ -225,10 +254,9 @@ class DeliveryService:
 
     async def __aenter__(self) -> DeliveryService:
         if self._http is None:
-            self._http = httpx.AsyncClient(
-                timeout=self.config.request_timeout,
-                limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
-            )
+            self._http = http_client(timeout=self.config.request_timeout, max_connections=64)
+        if self._listener is not None:
+            await self._listener.__aenter__()
         self._tasks.open()
         self._tasks.start(self._run, name="delivery-loop")
         return self
@@ -245,6 +273,8 @@ class DeliveryService:
             if not await self._tasks.close(grace=self.config.close_timeout):
                 logger.warning("delivery.close_timeout: in-flight rows stay leased until expiry")
         finally:
+            if self._listener is not None:
+                await self._listener.__aexit__(None, None, None)
             with contextlib.suppress(Exception):  # best effort: the heartbeat also expires
                 await asyncio.wait_for(self.store.leave(), 2.0)
             if self._own_http and self._http is not None:
@@ -253,6 +283,10 @@ class DeliveryService:
     def wake(self) -> None:
         """New rows were committed: claim now instead of at the next poll."""
         self._wakeup.set()
+
+    async def _woken_after_reconnect(self) -> None:
+        # Notifications sent while the listener was away are lost: look for due rows now.
+        self.wake()
 
     # -- observability ----------------------------------------------------------------------------
 

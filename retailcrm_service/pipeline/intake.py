@@ -212,6 +212,7 @@ class EventPipeline:
         owner: str | None = None,
         registry: CollectorRegistry | None = None,
         pacer: Pacer | None = None,
+        listen_dsn: str | None = None,
     ) -> None:
         self.pool = pool
         self.outbox_config = outbox or OutboxConfig()
@@ -226,6 +227,7 @@ class EventPipeline:
                 owner=owner,
                 registry=registry,
                 pacer=pacer,
+                listen_dsn=listen_dsn,
             )
             if deliver
             else None

@@ -109,6 +109,13 @@ class OutboxConfig:
 
 # -- intake -------------------------------------------------------------------------------------
 
+# Every commit that stores new rows sends one NOTIFY on this channel (delivered by PostgreSQL at
+# commit, folded to one per transaction): the delivery workers of every instance listen to it, so
+# rows committed by one instance are claimed at once by any other, not at its next poll. The
+# payload reads as a change of every enterprise to ``vochi_crm_client.parse_change``.
+NOTIFY_CHANNEL = "retailcrm_outbox"
+NOTIFY_PAYLOAD = '{"enterprise_number":"*"}'
+
 # One JSON document per statement: a single C-level dumps in Python and a single parameter to
 # encode, instead of nine arrays (the intake is CPU-bound on small machines). The answer is one
 # row: how many rows were inserted and, only when that is fewer than sent (duplicates), which.
@@ -138,7 +145,8 @@ ORDER BY i.ord
 ON CONFLICT (enterprise_number, idempotency_key) DO NOTHING
 RETURNING enterprise_number, idempotency_key)
 SELECT n, CASE WHEN n < $3 THEN (SELECT array_agg(enterprise_number) FROM ins) END AS ens,
-          CASE WHEN n < $3 THEN (SELECT array_agg(idempotency_key) FROM ins) END AS ikeys
+          CASE WHEN n < $3 THEN (SELECT array_agg(idempotency_key) FROM ins) END AS ikeys,
+          CASE WHEN n > 0 THEN pg_notify($4, $5)::text END AS notified
 FROM (SELECT count(*) AS n FROM ins) AS counted
 """  # noqa: S608 (built from constants)
 
@@ -168,7 +176,9 @@ async def insert_rows(
     """Insert encoded rows (by distinct (enterprise, key)) in one statement; returns the keys
     that were new."""
     document = "[" + ",".join(rows.values()) + "]"
-    answer = await conn.fetchrow(_INSERT, document, popup_ttl, len(rows))
+    answer = await conn.fetchrow(
+        _INSERT, document, popup_ttl, len(rows), NOTIFY_CHANNEL, NOTIFY_PAYLOAD
+    )
     assert answer is not None
     if answer["n"] == len(rows):
         return set(rows)
@@ -487,6 +497,33 @@ RETURNING enterprise_number
 """
 
 
+# The outcomes of one pass (see ``OutboxStore.settle``), one statement: "history" (a live hangup's
+# popup is done, the row goes on as history, due now, attempts afresh), "later" (retry or deferred:
+# due after the wait; a deferral gives its attempt back), "final" (delivered, dead, expired,
+# skipped: the row is finished). Only rows this instance still leases are touched; the SET
+# expressions read the row as it was (``o.kind`` is the kind before this update).
+_SETTLE = """
+UPDATE retailcrm_outbox o SET
+    kind = CASE WHEN u.op = 'history' THEN 'history' ELSE o.kind END,
+    popup_state = CASE WHEN u.op = 'history' THEN u.result
+                       WHEN u.op = 'final' AND o.kind = 'popup' THEN u.result
+                       ELSE o.popup_state END,
+    attempts = CASE WHEN u.op = 'history' THEN 0
+                    WHEN u.op = 'later' THEN o.attempts - u.refund
+                    ELSE o.attempts END,
+    due_at = CASE WHEN u.op = 'history' THEN now()
+                  WHEN u.op = 'later' THEN now() + make_interval(secs => u.wait)
+                  ELSE o.due_at END,
+    state = CASE WHEN u.op = 'final' THEN u.result ELSE o.state END,
+    finished_at = CASE WHEN u.op = 'final' THEN now() ELSE o.finished_at END,
+    last_error = u.error,
+    lease_owner = NULL,
+    lease_until = NULL
+FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::float8[], $7::int[])
+     AS u(id, op, result, error, wait, refund)
+WHERE o.id = u.id AND o.lease_owner = $1
+"""
+
 # Settled rows past the retention go, a bounded batch per sweep (the journal keeps the trace).
 _PURGE = """
 DELETE FROM retailcrm_outbox WHERE id IN (
@@ -583,54 +620,37 @@ class OutboxStore:
         return found
 
     async def settle(self, outcomes: Sequence[Outcome]) -> None:
-        """Persist the outcomes of one pass of attempts (rows whose lease we lost are left)."""
+        """Persist the outcomes of one pass of attempts (rows whose lease we lost are left).
+
+        One statement for the whole pass (one round trip, atomic by itself): delivery settles
+        after every request, so this runs once per popup.
+        """
         if not outcomes:
             return
-        async with self._pool.acquire() as conn, conn.transaction():
-            for outcome in outcomes:
-                await self._settle_one(conn, outcome)
-
-    async def _settle_one(self, conn: asyncpg.Connection, outcome: Outcome) -> None:
-        row = outcome.row
-        result = outcome.result
-        if result == "retry" and self._exhausted(row):
-            result = "dead"
-        if row.kind == KIND_POPUP and row.has_history and result not in ("retry", "deferred"):
-            # The popup part is settled either way; the row goes on to its history.
-            await conn.execute(
-                """UPDATE retailcrm_outbox SET kind = 'history', popup_state = $3, attempts = 0,
-                        due_at = now(), last_error = $4, lease_owner = NULL, lease_until = NULL
-                    WHERE id = $1 AND lease_owner = $2""",
-                row.id,
-                self.owner,
-                result,
-                outcome.error,
-            )
-            return
-        if result in ("retry", "deferred"):
-            wait = self._retry_delay(row, outcome)
-            await conn.execute(
-                """UPDATE retailcrm_outbox SET due_at = now() + make_interval(secs => $3),
-                        last_error = $4, lease_owner = NULL, lease_until = NULL,
-                        attempts = attempts - $5::int
-                    WHERE id = $1 AND lease_owner = $2""",
-                row.id,
-                self.owner,
-                wait,
-                outcome.error,
-                1 if result == "deferred" else 0,
-            )
-            return
-        await conn.execute(
-            """UPDATE retailcrm_outbox SET state = $3, last_error = $4, finished_at = now(),
-                    popup_state = CASE WHEN kind = 'popup' THEN $3 ELSE popup_state END,
-                    lease_owner = NULL, lease_until = NULL
-                WHERE id = $1 AND lease_owner = $2""",
-            row.id,
-            self.owner,
-            result,
-            outcome.error,
-        )
+        ids: list[int] = []
+        ops: list[str] = []
+        results: list[str] = []
+        errors: list[str | None] = []
+        waits: list[float] = []
+        refunds: list[int] = []
+        for outcome in outcomes:
+            row = outcome.row
+            result = outcome.result
+            if result == "retry" and self._exhausted(row):
+                result = "dead"
+            if row.kind == KIND_POPUP and row.has_history and result not in ("retry", "deferred"):
+                op = "history"  # the popup part is settled either way; on to its history
+            elif result in ("retry", "deferred"):
+                op = "later"
+            else:
+                op = "final"
+            ids.append(row.id)
+            ops.append(op)
+            results.append(result)
+            errors.append(outcome.error)
+            waits.append(self._retry_delay(row, outcome) if op == "later" else 0.0)
+            refunds.append(1 if result == "deferred" else 0)
+        await self._pool.execute(_SETTLE, self.owner, ids, ops, results, errors, waits, refunds)
 
     def _exhausted(self, row: OutboxRow) -> bool:
         if row.attempts >= self.config.max_attempts:

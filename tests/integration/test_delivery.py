@@ -357,3 +357,22 @@ async def test_a_request_outlasting_the_lease_keeps_its_rows_by_extending_the_le
     assert (row["state"], row["attempts"]) == ("delivered", 1)
     sent = [e["event"]["callExternalId"] for e in crm.state()["accounts"]["test"]["events"]]
     assert sent == ["12.1"]
+
+
+async def test_rows_committed_by_another_instance_are_claimed_when_they_commit(
+    pool: asyncpg.Pool, db: asyncpg.Connection, crm: SandboxServer, database_url: str
+) -> None:
+    """The committer here wakes nobody in-process (another instance's intake): the commit's
+    NOTIFY does, long before the next poll."""
+    await add_enterprise(db, crm.url, crm.api_key)
+    config = DeliveryConfig(poll_interval=600.0, sweep_interval=0.2)
+    service = DeliveryService(
+        pool=pool, configs=Configs(pool), config=config, listen_dsn=database_url
+    )
+    async with service, GroupCommitter(pool=pool) as committer:
+        assert service._listener is not None
+        await asyncio.wait_for(service._listener.wait_listening(), 15.0)
+        await asyncio.sleep(0.3)  # the loop's first claim is done: it now idles for the poll
+        await committer.submit([dial("8.1"), dial("8.2")])
+        await _until(lambda: _settled(db), timeout=60.0)
+    assert [r["state"] for r in await _rows(db)] == ["delivered"] * 2
