@@ -252,10 +252,15 @@ def usage(before: dict[str, Any], loaded: dict[str, Any], after: dict[str, Any])
     wall = max(loaded["t"] - before["t"], 1e-9)
     cpu: Counter[str] = Counter()
     rss: Counter[str] = Counter()
+    processes: dict[str, dict[str, float]] = {}
     for name, seconds in loaded["cpu"].items():
-        cpu[_kind(name)] += (seconds - before["cpu"].get(name, 0.0)) / wall * 100
+        pct = (seconds - before["cpu"].get(name, 0.0)) / wall * 100
+        cpu[_kind(name)] += pct
+        if name != "machine":
+            processes[name] = {"cpu_pct": round(pct, 1)}
     for name, peak in loaded["rss"].items():
         rss[_kind(name)] += peak / 2**20
+        processes.setdefault(name, {})["rss_mib"] = round(peak / 2**20, 1)
     requests = Counter(after["requests"])
     requests.subtract(before["requests"])
     queries = Counter(after["queries"])
@@ -263,6 +268,7 @@ def usage(before: dict[str, Any], loaded: dict[str, Any], after: dict[str, Any])
     return {
         "cpu_pct": {k: round(v, 1) for k, v in sorted(cpu.items())},
         "rss_mib": {k: round(v, 1) for k, v in sorted(rss.items())},
+        "processes": dict(sorted(processes.items())),
         "requests": {k: v for k, v in requests.items() if v},
         "queries": dict(queries),
         "xacts": after["xacts"] - before["xacts"],
@@ -298,6 +304,7 @@ def step_figures(records: Any, bench: Bench, use: dict[str, Any]) -> dict[str, A
         cpu_pct=cpu,
         other_cpu_pct=round(other, 1),
         rss_mib=use["rss_mib"],
+        processes=use["processes"],
         host_cpu_pct=records.host_cpu_pct,
         host_lag_p99_ms=records.host_lag_p99_ms,
     )
@@ -616,6 +623,8 @@ async def run(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
         "host_lag_p99_ms": steady["host_lag_p99_ms"],
         "cpu_pct": steady["cpu_pct"],
         "rss_mib": steady["rss_mib"],
+        "other_cpu_pct": steady["other_cpu_pct"],
+        "processes": steady["processes"],
         "enterprises": args.enterprises,
         "services": args.services,
         "call_services": args.call_services,

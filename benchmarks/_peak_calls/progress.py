@@ -24,10 +24,12 @@ class Progress:
         self.estimate = estimate_s
         self.label = ""
         self._drawn = 0.0
+        self._last = (0, 1)
 
     def phase(self, label: str) -> None:
         self.label = label
         if self.tty:
+            self._drawn = 0.0
             self.update(0, 1)
         else:
             self._line(label)
@@ -35,6 +37,7 @@ class Progress:
     def update(self, done: int, total: int) -> None:
         if not self.tty:
             return
+        self._last = (done, total)
         now = time.monotonic()
         if now - self._drawn < 0.2 and done < total:
             return
@@ -53,7 +56,8 @@ class Progress:
             self.stream.write("\r\x1b[K")
         self._line(text)
         if self.tty:
-            self.update(0, 1)
+            self._drawn = 0.0
+            self.update(*self._last)
 
     def _line(self, text: str) -> None:
         self.stream.write(f"[{_clock(time.monotonic() - self.started)}] {text}\n")
