@@ -84,8 +84,8 @@ class Plan:
         if quick:
             return cls(
                 quick=True,
-                steps=(10, 20, 30, 40, 50, 75, 100, 150, 200, 300, 400, 500),
-                step_s=6.0,
+                steps=(10, 20, 30, 50, 75, 100, 200, 300, 400, 500),
+                step_s=5.0,
                 step_drain_s=20.0,
                 load=load,
                 steady_s=10.0,

@@ -6,7 +6,9 @@ enterprises in PostgreSQL for the whole run, and one *design* at a time:
 - ``ours``: ``vochi-call-service`` processes -> ``retailcrm-service`` instances on the one
   PostgreSQL; call service i posts to instance i (mod their number), host j goes to call service
   j (mod theirs);
-- ``naive``: the baseline of ``_peak_calls.naive``, with as many processes of each kind.
+- ``naive``: the baseline of ``_peak_calls.naive``, with as many processes of each kind; it
+  reads the config (domain, API key) that ours' start wrote, and uses the modules it
+  registered, so ours starts first.
 
 The enterprises are seeded with ``retailcrm_service.demo``'s helpers and connected the way an
 admin does it: ``PUT /api/config/{n}`` (domain, API key, extensions), then
@@ -371,6 +373,8 @@ class Stack:
             ]
             return all(s["in_flight"] == 0 for s in stats + services)
         for s in stats:
+            if s.get("pending", 0):  # waiting for the matrix to load their enterprise
+                return False
             for target in s.get("targets", {}).values():
                 if target.get("queued", 0) or target.get("in_flight", 0):
                     return False

@@ -67,11 +67,12 @@ def test_benchmark_quick_run_ends_with_its_figures_as_json(script: Path, tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(560)
 def test_peak_calls_quick_run_ends_with_its_figures_and_loses_no_call(tmp_path: Path) -> None:
     """Capacity figures are not asserted; that no acknowledged call is lost is."""
     script = next(b for b in BENCHMARKS if b.stem == PEAK_CALLS)
-    figures = run_quick(script, tmp_path, "--results-dir", str(tmp_path), timeout=400)
+    # About four minutes; the bound leaves room for a machine shared with other test runs.
+    figures = run_quick(script, tmp_path, "--results-dir", str(tmp_path), timeout=540)
     assert figures.keys() >= PEAK_CALLS_KEYS
     assert figures["lost"] == 0
     assert Path(figures["chart"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
