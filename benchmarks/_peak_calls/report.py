@@ -119,6 +119,12 @@ def table(
         f"PostgreSQL statements/event {figures['pg_queries_per_event']}, "
         f"transactions/event {figures['pg_xacts_per_event']}; lost {figures['lost']}"
     )
+    if figures["contended"]:
+        print(
+            f"WARNING: other work on this machine used up to {figures['other_cpu_pct_max']:.0f} % "
+            "of a core while this ran (column 'other'): these figures measure the machine's "
+            "contention as much as the system; run it again on a quiet machine."
+        )
     print(f"chart: {figures['chart']}")
 
 
