@@ -191,9 +191,11 @@ def _timeline(ax: Any, timeline: list[Any], t0: float, records: Any, load: float
             missing, [cap] * len(missing), s=8, marker="x", color="tab:red", label="never shown"
         )
     points = [(sent, lat * 1000) for s in timeline for sent, lat in s.figures.popups]
-    series = [(sec, min(p99, cap)) for sec, p99 in per_second(points, t0)]
+    series = dict(per_second(points, t0))
     if series:
-        xs, ys = zip(*series, strict=True)
+        # A second without popups (its webhooks all failed) breaks the line.
+        xs = list(range(min(series), max(series) + 1))
+        ys = [min(series[x], cap) if x in series else math.nan for x in xs]
         ax.plot(xs, ys, color="black", linewidth=1, label="popup p99 per second")
     for scenario in timeline:
         if scenario.fault is not None:
