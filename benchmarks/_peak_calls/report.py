@@ -118,6 +118,7 @@ def table(
         f"{figures['crm_rate_limited']} (naive: {figures['naive_crm_rate_limited']}); "
         f"PostgreSQL statements/event {figures['pg_queries_per_event']}, "
         f"transactions/event {figures['pg_xacts_per_event']}; lost {figures['lost']}"
+        f" (late: still pending when the run stopped waiting {figures['late_at_end']})"
     )
     if figures["contended"]:
         print(

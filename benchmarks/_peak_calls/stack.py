@@ -420,6 +420,22 @@ class Stack:
             out.setdefault(row["phase"], Counter())[f"service_{row['state']}"] += int(row["n"])
         return out
 
+    async def pending_history(self, uids: Sequence[str]) -> set[str]:
+        """Which of these calls still have their history pending in the outbox (late, not lost)."""
+        if not uids:
+            return set()
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            rows = await conn.fetch(
+                """SELECT DISTINCT call_unique_id FROM retailcrm_outbox
+                    WHERE kind = 'history' AND state = 'pending'
+                      AND call_unique_id = ANY($1::text[])""",
+                list(uids),
+            )
+        finally:
+            await conn.close()
+        return {r["call_unique_id"] for r in rows}
+
     async def transactions(self) -> int:
         """Committed and rolled-back transactions of the benchmark's database so far."""
         conn = await asyncpg.connect(self.dsn)
