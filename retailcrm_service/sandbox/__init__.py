@@ -43,6 +43,9 @@ Control API (JSON; errors as ``{"error": {"code", "message"}}``):
   key}, decoded ``form`` (the query for GET), status, response; ``since`` keeps entries with a
   larger ``seq``, ``requests`` the last N), ``rateLimitRejections`` {count, recent},
   ``callbacks`` (each with its response), ``faults``. Module ``clientId`` values are masked.
+  Requests, ``events`` and ``calls`` carry ``receivedTs``: when the request arrived, in
+  wall-clock epoch seconds (the ``now`` clock; a re-uploaded call keeps its first), so a client
+  on the same machine can measure end-to-end latency with ``time.time()``.
 - ``POST /_sandbox/reset``: back to the accounts the sandbox started with.
 - ``POST /_sandbox/seed``: see above.
 - ``POST|GET|DELETE /_sandbox/faults``: ``{"endpoint": "telephony/*" (glob over method names such as

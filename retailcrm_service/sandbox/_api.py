@@ -57,6 +57,8 @@ class Context:
     path_args: dict[str, str]
     base_url: str
     now: str
+    received_ts: float
+    """When the request arrived: wall-clock epoch seconds (the sandbox's ``now`` clock)."""
 
 
 @dataclass(frozen=True)
@@ -222,6 +224,7 @@ def call_event(ctx: Context) -> Reply:
     ctx.account.events.append(
         {
             "at": ctx.now,
+            "receivedTs": ctx.received_ts,
             "module": module.code,
             "event": event,
             "extra": {
@@ -256,7 +259,7 @@ def calls_upload(ctx: Context) -> Reply:
             index[external_id]["duplicates"] += 1
             duplicates.append(external_id)
             continue
-        stored = {**call, "receivedAt": ctx.now, "duplicates": 0}
+        stored = {**call, "receivedAt": ctx.now, "receivedTs": ctx.received_ts, "duplicates": 0}
         ctx.account.calls.append(stored)
         if external_id:
             index[external_id] = stored

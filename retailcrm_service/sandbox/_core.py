@@ -205,6 +205,9 @@ class Sandbox:
         started = self.clock()
         entry: dict[str, Any] = {
             "at": self.timestamp(),
+            # Wall-clock epoch seconds, comparable with time.time() in other processes on the
+            # same machine: what a client measures its end-to-end latency against.
+            "receivedTs": round(self.now().timestamp(), 6),
             "method": request.method,
             "path": request.path,
             "query": _masked_pairs(request.query),
@@ -267,6 +270,7 @@ class Sandbox:
                 path_args=path_args,
                 base_url=request.base_url,
                 now=self.timestamp(),
+                received_ts=entry["receivedTs"],
             )
             status, body = endpoint.handler(context)
         return Outgoing(status, body)

@@ -33,7 +33,9 @@ def test_units_restart_the_process_and_harden_it(unit: str) -> None:
     text = (DEPLOY / "systemd" / unit).read_text()
     keys = dict(re.findall(r"^(\w+)=(.*)$", text, re.M))
     assert keys["Restart"] == "always"
-    assert keys["EnvironmentFile"] == "/etc/vochi/retailcrm.env"
+    assert "EnvironmentFile=/etc/vochi/retailcrm.env" in text
+    if unit.endswith("@.service"):  # each instance's public port
+        assert "EnvironmentFile=-/etc/vochi/retailcrm-%i.env" in text
     assert keys["User"] != "root"
     for option in ("NoNewPrivileges", "ProtectHome", "PrivateTmp", "PrivateDevices"):
         assert keys[option] == "yes", option

@@ -6,6 +6,7 @@ import json
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -585,6 +586,30 @@ async def test_upload_with_a_non_array_is_an_entity_error(crm: Crm) -> None:
     await crm.register()
     response = await crm.post("/api/v5/telephony/calls/upload", calls=json.dumps(call()))
     assert error(response)[1]["errors"] == {"calls": "This value should be of type array."}
+
+
+async def test_requests_events_and_calls_record_when_they_arrived_in_epoch_seconds() -> None:
+    """``receivedTs`` is the sandbox clock at arrival; a re-uploaded call keeps its first."""
+    clock = iter(datetime(2025, 11, 26, 10, 0, s, 250_000, tzinfo=UTC) for s in range(60))
+    moment = next(clock)
+
+    def now() -> datetime:
+        return moment
+
+    async with crm_for(make_app(now=now)) as crm:
+        await crm.register()
+        moment = next(clock)
+        await crm.event(phone="+1", type="in", codes=["150"], callExternalId="c1")
+        moment = next(clock)
+        await crm.upload([call("c1")])
+        moment = next(clock)
+        await crm.upload([call("c1")])
+        account = crm.account()
+        requests = crm.state()["requests"]
+    base = datetime(2025, 11, 26, 10, 0, 0, 250_000, tzinfo=UTC).timestamp()
+    assert [e["receivedTs"] for e in account["events"]] == [base + 1]
+    assert [(c["receivedTs"], c["duplicates"]) for c in account["calls"]] == [(base + 2, 1)]
+    assert [r["receivedTs"] for r in requests] == [base, base + 1, base + 2, base + 3]
 
 
 # --- responsible manager ----------------------------------------------------------------------
