@@ -37,6 +37,10 @@ from httpx_aiohttp import AiohttpTransport
 from retailcrm_service.security.secrets import Secret
 from vochi_crm_client import parse_retry_after
 
+# The longest Retry-After honoured: a longer one is a server's mistake, and obeying it would park
+# a call's rows for as long as it says (the outbox caps its retries the same way).
+RETRY_AFTER_CAP = 300.0
+
 logger = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v5"
@@ -319,7 +323,7 @@ def _interpret(response: httpx.Response, path: str) -> dict[str, Any]:
             f"rate limited (HTTP {status})",
             status=status,
             method=path,
-            retry_after=parse_retry_after(response.headers.get("Retry-After")),
+            retry_after=parse_retry_after(response.headers.get("Retry-After"), cap=RETRY_AFTER_CAP),
         )
     text = response.text
     if text.lstrip().startswith("<"):
