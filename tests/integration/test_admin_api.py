@@ -197,7 +197,7 @@ async def test_replay_takes_exactly_one_selection_and_diagnostics_show_no_secret
             await db.fetchval("SELECT integrations_config FROM enterprises WHERE number = '0367'")
         )["retailcrm"]["clientId"]
     assert [none.status_code, two.status_code, naive.status_code] == [422, 422, 422]
-    assert ok.json() == {"enterprise_number": "0367", "replayed": 0}
+    assert ok.json() == {"enterprise_number": "0367", "replayed": 0, "leased": 0}
     body = diagnostics.text
     assert diagnostics.status_code == 200
     assert diagnostics.json()["pacing"]["api_key"] == "***" + KEY[-4:]
