@@ -45,7 +45,13 @@ def test_a_value_with_spaces_or_quotes_is_quoted_so_the_line_still_splits(
 def test_uvicorn_and_free_text_lines_share_the_format_as_one_quoted_msg(
     captured: io.StringIO,
 ) -> None:
-    logging.getLogger("uvicorn.error").info("Started server process [%d]", 42)
+    uvicorn_error = logging.getLogger("uvicorn.error")
+    # Other tests run uvicorn in-process, whose default config gives this logger its own
+    # handler and stops propagation; serve() passes log_config=None so it keeps neither.
+    uvicorn_error.handlers.clear()
+    uvicorn_error.propagate = True
+    uvicorn_error.setLevel(logging.NOTSET)
+    uvicorn_error.info("Started server process [%d]", 42)
     fields = _pairs(captured.getvalue().strip())
     assert fields["logger"] == "uvicorn.error"
     assert fields["msg"] == "Started server process [42]"
