@@ -32,7 +32,7 @@ from typing import Any
 
 from _peak_calls.calls import Template, render, templates
 
-TIMEOUT = 3.0  # the hosts' webhook timeout (platform-facts.md §1)
+TIMEOUT = 3.0  # the hosts' webhook timeout (docs/asterisk.md#host-webhooks)
 NICE = -10
 MAX_CONNECTIONS_PER_HOST = 64
 

@@ -48,7 +48,7 @@ class Error(BaseModel):
 
 
 class EventIn(BaseModel):
-    """One call event (ARCHITECTURE.md §4)."""
+    """One call event (README.md's routes; docs/architecture.md#the-flow)."""
 
     model_config = ConfigDict(extra="allow")
 
