@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -520,6 +521,22 @@ async def finish_scenarios(bench: Bench, timeline: list[Scenario]) -> dict[str, 
     return out
 
 
+async def probe(bench: Bench, plan: Plan) -> dict[str, Any]:
+    """``--probe``: ours alone at ``--load`` for ``--probe`` seconds (to profile, or to try a
+    change quickly); no knee search, no faults, no baseline."""
+    before = await bench.snapshot()
+    phase = bench.new_phase()
+    segment = {"phase": phase, "start": 0.0, "duration": plan.steady_s, "rate": plan.load}
+    records = await bench.play(f"ours: probe {plan.load:g} calls/s", [segment])
+    loaded = await bench.snapshot()
+    await bench.drain(records.expected_history(), plan.step_drain_s)
+    figures = step_figures(records, bench, usage(before, loaded, await bench.snapshot()))
+    bench.progress.close()
+    out = {"bench": "peak_calls", "probe": True, "load_calls_per_s": plan.load}
+    out.update({k: v for k, v in figures.items() if not k.startswith("_")})
+    return out
+
+
 # -- main -------------------------------------------------------------------------------------
 
 
@@ -530,7 +547,7 @@ async def run(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     from _peak_calls.progress import Progress
     from _peak_calls.stack import Stack, database
 
-    progress = Progress(plan.estimate()[0])
+    progress = Progress(plan.steady_s + 30 if args.probe else plan.estimate()[0])
     owned = not os.environ.get("DATABASE_URL", "").strip()
     async with (
         database() as dsn,
@@ -547,6 +564,8 @@ async def run(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
         progress.phase("starting ours")
         await stack.start("ours")
         await warm_up(bench, "ours")
+        if args.probe:
+            return await probe(bench, plan)
         ours_knee, ours_steps = await knee(bench, "ours")
         await bench.drain([], plan.step_drain_s)  # what the failing step left behind
 
@@ -671,6 +690,12 @@ def main() -> int:
     parser.add_argument("--enterprises", type=int, default=40)
     parser.add_argument("--services", type=int, default=2, help="retailcrm-service instances")
     parser.add_argument("--call-services", type=int, default=2, help="call service processes")
+    parser.add_argument(
+        "--probe",
+        type=float,
+        metavar="SECONDS",
+        help="only ours at --load for SECONDS, then its figures (profiling; no knee, no faults)",
+    )
     parser.add_argument("--results-dir", default=str(HERE / "results"))
     parser.add_argument("--role", help=argparse.SUPPRESS)
     for hidden in ("--plan", "--accounts", "--counts", "--target"):
@@ -681,6 +706,11 @@ def main() -> int:
         return run_role(args)
 
     plan = Plan.make(args.quick, args.load)
+    if args.probe:
+        plan = dataclasses.replace(plan, steady_s=args.probe)
+        figures = asyncio.run(run(args, plan))
+        print(json.dumps(figures))
+        return 0
     typical, worst = plan.estimate()
     print(
         f"peak_calls{' --quick' if plan.quick else ''}: about {typical / 60:.0f} min "

@@ -2,7 +2,10 @@
 
 ``open_runtime(settings, metrics, parts=ALL_PARTS)`` opens, in this order, and closes in reverse:
 
-1. ``pool``: the asyncpg pool;
+1. ``pool``: the asyncpg pool; ``relaxed_pool``: a small second pool whose commits do not wait
+   for the WAL flush (``synchronous_commit = off``), for the writes whose loss in a PostgreSQL
+   crash means at worst a repeated request: delivery leases and settles, and the journal (see
+   docs/architecture.md#durability). Acknowledged events are committed through ``pool`` only;
 2. ``http``: one shared ``httpx.AsyncClient`` for every RetailCRM account;
 3. ``journal``: the ``integration_logs`` writer;
 4. ``configs``: the enterprise config cache, then its first full load;
@@ -199,13 +202,21 @@ async def open_runtime(
             reset=keep_session,
         )
         stack.push_async_callback(pool.close)
+        relaxed_pool = await asyncpg.create_pool(
+            settings.database_url.get_secret_value(),
+            min_size=1,
+            max_size=max(2, settings.db_pool_max_size // 2),
+            reset=keep_session,
+            server_settings={"synchronous_commit": "off"},
+        )
+        stack.push_async_callback(relaxed_pool.close)
         # Every RetailCRM request goes through this client: counted and timed by the metrics.
         http = await stack.enter_async_context(
             http_client(timeout=settings.retailcrm_timeout, wrap=metrics.crm_transport)
         )
         journal = await stack.enter_async_context(
             IntegrationLogWriter(
-                sink=pg_sink(pool),
+                sink=pg_sink(relaxed_pool),
                 purge=pg_purge(pool),
                 retention_days=settings.log_retention_days,
             )
@@ -249,6 +260,7 @@ async def open_runtime(
             runtime.events = await stack.enter_async_context(
                 EventPipeline(
                     pool=pool,
+                    delivery_pool=relaxed_pool,
                     configs=configs,
                     logs=journal,
                     http=http,

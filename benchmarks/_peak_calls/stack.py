@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,31 +47,10 @@ from retailcrm_service.storage.database import scratch_database
 DESIGNS = ("ours", "naive")
 
 
-@contextlib.asynccontextmanager
-async def database() -> AsyncIterator[str]:
-    """``scratch_database``, tolerating what the PostgreSQL-restart scenario does to it.
-
-    ``scratch_database`` holds its admin connection for the whole run; the restart closes it,
-    so its final ``DROP DATABASE`` fails and skips stopping the embedded server. The server
-    (the benchmark's own, deleted with its files) is then stopped by pgserver's exit hook; the
-    drop is moot. Any other failure is raised as usual.
-    """
-    scratch = scratch_database("bench_peak", server=database_url_from())
-    dsn = await scratch.__aenter__()
-    try:
-        yield dsn
-    except BaseException as exc:
-        with contextlib.suppress(asyncpg.InterfaceError):
-            await scratch.__aexit__(type(exc), exc, exc.__traceback__)
-        raise
-    try:
-        await scratch.__aexit__(None, None, None)
-    except asyncpg.InterfaceError:
-        if not RESTARTED:
-            raise
-
-
-RESTARTED: list[float] = []  # when this run restarted PostgreSQL
+def database() -> contextlib.AbstractAsyncContextManager[str]:
+    """A scratch database on ``DATABASE_URL``'s server, or on a temporary embedded one (stopped
+    and deleted afterwards, also after the PostgreSQL-restart scenario)."""
+    return scratch_database("bench_peak", server=database_url_from())
 
 
 @dataclass(frozen=True, slots=True)
@@ -489,6 +468,5 @@ class Stack:
         owner = pwd.getpwuid(os.stat(data).st_uid).pw_name
         user = None if owner == pwd.getpwuid(os.getuid()).pw_name else owner
         args = ["-w", "-m", "fast", "-t", "60", "-l", str(data / "log"), "restart"]
-        RESTARTED.append(time.time())
         await asyncio.to_thread(pg_ctl, args, pgdata=data, user=user, timeout=90)
         await self._attach_postgres()

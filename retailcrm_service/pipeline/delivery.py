@@ -61,6 +61,7 @@ from retailcrm_service.crm.mapping import (
 from retailcrm_service.crm.pacing import Pacer, PacingConfig
 from retailcrm_service.pipeline.outbox import (
     NOTIFY_CHANNEL,
+    GroupSettler,
     OutboxConfig,
     OutboxRow,
     OutboxStore,
@@ -111,6 +112,7 @@ class DeliveryConfig:
     poll_interval: float = 0.5
     sweep_interval: float = 1.0
     instance_ttl: float = 5.0
+    statistics_interval: float = 10.0  # how often the outbox's planner statistics are checked
     rate_limit_retry: float = 1.0
     key_unreadable_retry: float = 10.0
     upload_batch: int = 50
@@ -219,6 +221,7 @@ class DeliveryService:
         self.store = OutboxStore(
             pool=pool, owner=owner or default_owner(), config=outbox, rng=self._rng
         )
+        self.settler = GroupSettler(self.store)
         self._configs = configs
         self._logs = logs
         self._http = http
@@ -249,6 +252,9 @@ class DeliveryService:
         )
         self.loop_errors = 0
         self.instances = 1
+        self.analyzed = 0
+        self._statistics_checked = float("-inf")
+        self._may_analyze = True
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -311,6 +317,8 @@ class DeliveryService:
             "enterprises": {n: c.snapshot() for n, c in sorted(self._counters.items())},
             "breakers": {n: b.stats()["state"] for n, b in sorted(self._breakers.items())},
             "loop_errors": self.loop_errors,
+            "analyzed": self.analyzed,
+            "settle_statements": self.settler.statements,
             "instances": self.instances,
             "pacing_share": round(self.pacer.share, 3),
         }
@@ -363,6 +371,20 @@ class DeliveryService:
                 if self._prom is not None:
                     self._prom.outcomes.labels(KIND_POPUP, outcome).inc()
         self._backlog = await self.store.backlog()
+        await self._keep_statistics()
+
+    async def _keep_statistics(self) -> None:
+        now = self._clock()
+        due = now - self._statistics_checked >= self.config.statistics_interval
+        if not (self._may_analyze and due):
+            return
+        self._statistics_checked = now
+        try:
+            self.analyzed += await self.store.keep_statistics()
+        except asyncpg.InsufficientPrivilegeError:
+            # Not the table's owner: autovacuum alone keeps the statistics (see 008).
+            self._may_analyze = False
+            logger.warning("delivery.analyze_not_permitted table=retailcrm_outbox")
 
     async def _claim(self) -> bool:
         if len(self._busy) >= self.config.max_enterprises:
@@ -385,7 +407,7 @@ class DeliveryService:
     ) -> None:
         async def settle(outcomes: list[Outcome]) -> None:
             # Settled after every request, so a crash re-sends at most the one in flight.
-            await self.store.settle(outcomes)
+            await self.settler.settle(outcomes)
             self._record(number, outcomes)
 
         try:

@@ -204,6 +204,7 @@ class EventPipeline:
         *,
         pool: asyncpg.Pool,
         configs: ConfigSource,
+        delivery_pool: asyncpg.Pool | None = None,
         logs: LogSink | None = None,
         http: httpx.AsyncClient | None = None,
         outbox: OutboxConfig | None = None,
@@ -218,7 +219,8 @@ class EventPipeline:
         self.outbox_config = outbox or OutboxConfig()
         self.delivery: DeliveryService | None = (
             DeliveryService(
-                pool=pool,
+                # Leases and settles: a commit lost in a crash only repeats a request.
+                pool=delivery_pool or pool,
                 configs=configs,
                 logs=logs,
                 http=http,

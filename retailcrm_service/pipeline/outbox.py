@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, Final
 
 import asyncpg
 
@@ -533,6 +533,10 @@ DELETE FROM retailcrm_outbox WHERE id IN (
 """
 
 
+# Changes since the last ANALYZE past which ``keep_statistics`` runs one (and past the row count).
+_ANALYZE_MIN_CHANGES: Final = 1000
+
+
 class OutboxStore:
     """SQL of the delivery side; every method is one short transaction."""
 
@@ -597,6 +601,24 @@ class OutboxStore:
             )
         return max(1, int(count))
 
+    async def keep_statistics(self) -> bool:
+        """``ANALYZE`` the outbox when its planner statistics lag far behind it; True if it did.
+
+        A fresh outbox (a new deployment, a test, a benchmark) grows from nothing faster than
+        autovacuum's first visit; planned on an "empty" table, the claim sorts every due row
+        instead of walking the due index, and gets slower as the backlog grows: a collapse, not a
+        slowdown. One ``ANALYZE`` (a sample, milliseconds) fixes the plans, and plans cached on
+        the old statistics are invalidated with it. Past that, autovacuum keeps up (004/008).
+        """
+        row = await self._pool.fetchrow(
+            """SELECT n_live_tup, n_mod_since_analyze FROM pg_stat_user_tables
+                WHERE relid = 'retailcrm_outbox'::regclass"""
+        )
+        if row is None or row["n_mod_since_analyze"] < max(_ANALYZE_MIN_CHANGES, row["n_live_tup"]):
+            return False
+        await self._pool.execute("ANALYZE retailcrm_outbox")
+        return True
+
     async def leave(self) -> None:
         """This instance stops delivering: the others take its share at once."""
         await self._pool.execute(
@@ -622,8 +644,8 @@ class OutboxStore:
     async def settle(self, outcomes: Sequence[Outcome]) -> None:
         """Persist the outcomes of one pass of attempts (rows whose lease we lost are left).
 
-        One statement for the whole pass (one round trip, atomic by itself): delivery settles
-        after every request, so this runs once per popup.
+        One statement for the whole pass (one round trip, atomic by itself); delivery settles
+        through ``GroupSettler``, which passes concurrent workers' outcomes here together.
         """
         if not outcomes:
             return
@@ -681,6 +703,72 @@ class OutboxStore:
             "oldest_due_at": row["oldest_due"].isoformat() if row["oldest_due"] else None,
             "oldest_due_age_seconds": round(float(row["oldest_due_age"] or 0.0), 3),
         }
+
+
+class GroupSettler:
+    """Concurrent settles share one statement: group commit for the delivery side.
+
+    Every enterprise's worker settles after each request (so a crash re-sends at most what was
+    in flight). With many enterprises delivering at once, one ``UPDATE`` per request was the
+    delivery side's largest database cost; here the first caller runs the statement and those
+    arriving meanwhile wait and go together in the next one. Each caller returns once its own
+    outcomes are stored, or raises what storing them raised (its rows stay leased and are
+    claimed again when the lease lapses: at least once, never lost).
+    """
+
+    def __init__(self, store: OutboxStore) -> None:
+        self._store = store
+        self._queue: list[tuple[Sequence[Outcome], asyncio.Future[None]]] = []
+        self._flushing = False
+        self.statements = 0
+        self.settled = 0
+
+    async def settle(self, outcomes: Sequence[Outcome]) -> None:
+        if not outcomes:
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((outcomes, done))
+        if not self._flushing:
+            try:
+                await self._lead()
+            except BaseException:
+                if done.done() and not done.cancelled():
+                    done.exception()  # retrieved: the caller gets the cancellation instead
+                raise
+        await done
+
+    async def _lead(self) -> None:
+        self._flushing = True
+        batch: list[tuple[Sequence[Outcome], asyncio.Future[None]]] = []
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                try:
+                    await self._store.settle([o for outcomes, _ in batch for o in outcomes])
+                except Exception as exc:
+                    _resolve(batch, exc)
+                else:
+                    self.statements += 1
+                    self.settled += sum(len(outcomes) for outcomes, _ in batch)
+                    _resolve(batch, None)
+                batch = []
+        finally:
+            self._flushing = False
+            # Cancelled while leading (shutdown): nobody is left to run the others' statement.
+            _resolve([*batch, *self._queue], RuntimeError("settle interrupted"))
+            self._queue = []
+
+
+def _resolve(
+    batch: Sequence[tuple[Sequence[Outcome], asyncio.Future[None]]], exc: BaseException | None
+) -> None:
+    for _, done in batch:
+        if done.done():
+            continue
+        if exc is None:
+            done.set_result(None)
+        else:
+            done.set_exception(exc)
 
 
 @dataclass(frozen=True, slots=True)

@@ -152,10 +152,14 @@ async def scratch_database(
         await migrate(dsn)
         yield dsn
     finally:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await conn.close()
-        if embedded is not None:
-            embedded.cleanup()
+        try:
+            if conn.is_closed():  # the server was restarted meanwhile (a benchmark's fault)
+                conn = await asyncpg.connect(admin)
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await conn.close()
+        finally:
+            if embedded is not None:
+                embedded.cleanup()
 
 
 def database_url(url: str | None, data_dir: str | os.PathLike[str]) -> str:

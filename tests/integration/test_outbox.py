@@ -10,6 +10,7 @@ import pytest
 
 from retailcrm_service.pipeline.outbox import (
     GroupCommitter,
+    GroupSettler,
     OutboxConfig,
     OutboxStore,
     OutboxUnavailable,
@@ -274,3 +275,110 @@ async def test_dial_arriving_after_its_hangup_is_never_sent_and_is_superseded(
     await store.settle([Outcome(hangup, "delivered")])
     assert [r.event_type for r in await store.claim(5)] == ["hangup"]  # its history stage
     assert (await store.sweep())["superseded"] == ["0367"]
+
+
+async def test_concurrent_settles_share_statements_and_each_caller_sees_its_own_rows_stored(
+    pool: asyncpg.Pool, db: asyncpg.Connection
+) -> None:
+    async with GroupCommitter(pool=pool) as committer:
+        await committer.submit([event("dial", f"S.{i}") for i in range(30)])
+    store = OutboxStore(pool=pool, owner="w1")
+    rows = await store.claim(30)
+    assert len(rows) == 30
+    settler = GroupSettler(store)
+    await asyncio.gather(*(settler.settle([Outcome(r, "delivered")]) for r in rows))
+    assert settler.settled == 30
+    assert settler.statements < 30  # the first runs alone; the others wait and go together
+    assert (
+        await db.fetchval(
+            "SELECT count(*) FROM retailcrm_outbox"
+            " WHERE state = 'delivered' AND lease_owner IS NULL"
+        )
+        == 30
+    )
+
+
+async def test_a_failed_group_settle_reaches_its_callers_and_the_next_group_still_runs(
+    pool: asyncpg.Pool, db: asyncpg.Connection
+) -> None:
+    async with GroupCommitter(pool=pool) as committer:
+        await committer.submit([event("dial", f"F.{i}") for i in range(3)])
+    store = OutboxStore(pool=pool, owner="w1")
+    first, second, third = await store.claim(3)
+    calls = 0
+    real_settle = store.settle
+
+    async def flaky(outcomes: list[Outcome]) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the second statement: the group of the two that waited
+            raise asyncpg.exceptions.ConnectionDoesNotExistError("gone")
+        await real_settle(outcomes)
+
+    store.settle = flaky  # type: ignore[method-assign]
+    settler = GroupSettler(store)
+    results = await asyncio.gather(
+        settler.settle([Outcome(first, "delivered")]),
+        settler.settle([Outcome(second, "delivered")]),
+        settler.settle([Outcome(third, "delivered")]),
+        return_exceptions=True,
+    )
+    assert results[0] is None
+    assert all(isinstance(r, asyncpg.exceptions.ConnectionDoesNotExistError) for r in results[1:])
+    # The failed rows stay leased (claimed again when the lease lapses); a later settle runs.
+    states = dict(await db.fetch("SELECT call_unique_id, state FROM retailcrm_outbox"))
+    assert states == {"F.0": "delivered", "F.1": "pending", "F.2": "pending"}
+    await settler.settle([Outcome(second, "delivered")])
+    assert await db.fetchval("SELECT state FROM retailcrm_outbox WHERE id = $1", second.id) == (
+        "delivered"
+    )
+
+
+async def test_a_cancelled_leader_leaves_no_caller_waiting_forever(pool: asyncpg.Pool) -> None:
+    async with GroupCommitter(pool=pool) as committer:
+        await committer.submit([event("dial", f"C.{i}") for i in range(2)])
+    store = OutboxStore(pool=pool, owner="w1")
+    first, second = await store.claim(2)
+    entered = asyncio.Event()
+
+    async def stuck(outcomes: list[Outcome]) -> None:
+        entered.set()
+        await asyncio.sleep(3600)
+
+    store.settle = stuck  # type: ignore[method-assign]
+    settler = GroupSettler(store)
+    leader = asyncio.create_task(settler.settle([Outcome(first, "delivered")]))
+    await entered.wait()
+    follower = asyncio.create_task(settler.settle([Outcome(second, "delivered")]))
+    await asyncio.sleep(0)
+    leader.cancel()
+    with pytest.raises(RuntimeError, match="settle interrupted"):
+        await asyncio.wait_for(follower, 5)
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+
+
+async def test_statistics_are_refreshed_when_a_fresh_outbox_outgrows_them(
+    pool: asyncpg.Pool, db: asyncpg.Connection
+) -> None:
+    store = OutboxStore(pool=pool, owner="w1")
+    async with GroupCommitter(pool=pool) as committer:
+        await committer.submit([event("dial", f"A.{i}") for i in range(1500)])
+    # pg_stat counters reach the view when the writing backend reports them (at most ~1 s).
+    deadline = asyncio.get_running_loop().time() + 10
+    while not await store.keep_statistics():
+        assert asyncio.get_running_loop().time() < deadline, "never analyzed"
+        await asyncio.sleep(0.2)
+    analyzed = await db.fetchval(
+        "SELECT reltuples FROM pg_class WHERE oid = 'retailcrm_outbox'::regclass"
+    )
+    assert analyzed == 1500
+    assert await store.keep_statistics() is False  # up to date: nothing to do
+
+
+async def test_the_outbox_is_vacuumed_and_analyzed_as_a_queue(db: asyncpg.Connection) -> None:
+    options = await db.fetchval(
+        "SELECT reloptions FROM pg_class WHERE oid = 'retailcrm_outbox'::regclass"
+    )
+    assert "autovacuum_analyze_scale_factor=0.02" in options
+    assert "autovacuum_vacuum_scale_factor=0.02" in options
