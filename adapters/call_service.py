@@ -365,6 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The ``vochi-call-service`` console script."""
     import uvicorn
 
+    from retailcrm_service.ops.heap import freeze_startup_objects
     from retailcrm_service.settings import log_format_from
 
     args = build_parser().parse_args(argv)
@@ -380,8 +381,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.port,
         sorted(settings.targets),
     )
+    app = create_app(settings)
+    freeze_startup_objects()
     uvicorn.run(
-        create_app(settings),
+        app,
         host=args.host,
         port=args.port,
         log_level=args.log_level.lower(),

@@ -199,6 +199,7 @@ def serve(settings: Settings) -> None:
     """``retailcrm-service serve``: migrate, then run the app under uvicorn."""
     import uvicorn
 
+    from retailcrm_service.ops.heap import freeze_startup_objects
     from retailcrm_service.ops.instances import check_scale_out
     from retailcrm_service.storage.database import migrate
 
@@ -208,6 +209,7 @@ def serve(settings: Settings) -> None:
     asyncio.run(migrate(settings.database_url.get_secret_value()))
     asyncio.run(check_scale_out(settings))
     app = create_app(settings)
+    freeze_startup_objects()
     # No access log: a one-time login link carries its token in the query string.
     # log_config=None: uvicorn's loggers propagate to the one handler of ops.logs.configure.
     options: dict[str, Any] = {
