@@ -208,7 +208,11 @@ async def test_a_remote_dialplan_host_cannot_use_another_enterprises_public_numb
     async with AsyncSandboxServer(
         accounts=[account("acme", key, manager=MANAGER, customer=CUSTOMER)], rate_limit=False
     ) as crm:
-        row = await add_enterprise(db, B, crm, key, extensions={"7": "150"})
+        # This test is about who may ask, not how fast: the longest deadline, so that a loaded
+        # machine cannot turn an allowed answer into the fail-open empty one.
+        row = await add_enterprise(
+            db, B, crm, key, extensions={"7": "150"}, smart={"deadline_ms": 2000}
+        )
         settings = service_settings(database_url)
         parts = {"smart_redirect"}
         async with (
