@@ -288,10 +288,13 @@ def create_app(settings: CallServiceSettings) -> FastAPI:
         redoc_url=None,
         openapi_url=None,
     )
-    app.include_router(operations_router(extra_stats=webhooks.stats, registry=webhooks.registry))
-
     for host_event in WEBHOOKS:
         _add_webhook(app, webhooks, host_event)
+    # After the webhooks, as routes of the app itself: since FastAPI 0.137 include_router()
+    # adds a wrapper matched lazily on every request, at a cost larger than a webhook's own
+    # handling (see retailcrm_service/api/__init__.py).
+    operations = operations_router(extra_stats=webhooks.stats, registry=webhooks.registry)
+    app.router.routes.extend(operations.routes)
     app.add_middleware(RequestIdMiddleware)
     return app
 
