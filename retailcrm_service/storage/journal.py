@@ -71,10 +71,11 @@ def _mask(value: Any, needles: tuple[str, ...], *, under_secret_key: bool) -> An
     if isinstance(value, Secret):
         return value.masked
     if isinstance(value, dict):
-        return {
-            _storable(str(k)): _mask(v, needles, under_secret_key=bool(_SECRET_KEY.search(str(k))))
-            for k, v in value.items()
-        }
+        out = {}
+        for k, v in value.items():
+            key, secret = _key(k)
+            out[key] = _mask(v, needles, under_secret_key=secret)
+        return out
     if isinstance(value, (list, tuple)):
         return [_mask(v, needles, under_secret_key=under_secret_key) for v in value]
     if isinstance(value, str):
@@ -88,11 +89,30 @@ def _mask(value: Any, needles: tuple[str, ...], *, under_secret_key: bool) -> An
     return value
 
 
+# Payload keys repeat from row to row ("phone", "codes", ...): what each one becomes, and
+# whether it names a secret, is remembered (up to a bound: keys of hostile payloads are not).
+_KEYS: dict[Any, tuple[str, bool]] = {}
+_KEYS_MAX = 4096
+
+
+def _key(k: Any) -> tuple[str, bool]:
+    known = _KEYS.get(k) if type(k) is str else None
+    if known is not None:
+        return known
+    text = str(k)
+    known = (_storable(text), bool(_SECRET_KEY.search(text)))
+    if type(k) is str and len(_KEYS) < _KEYS_MAX:
+        _KEYS[k] = known
+    return known
+
+
 def _storable(text: str) -> str:
     """``text`` without what PostgreSQL refuses (NUL, lone surrogates): one hostile string must
     not fail the insert of a whole batch of other enterprises' rows."""
     if "\x00" in text:
         text = text.replace("\x00", "\ufffd")
+    if text.isascii():
+        return text
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -104,6 +124,8 @@ def _scrub(text: str, needles: tuple[str, ...]) -> str:
     for needle in needles:
         if needle in text:
             text = text.replace(needle, mask(needle))
+    if "=" not in text:  # every _SECRET_IN_URL match has one
+        return text
     return _SECRET_IN_URL.sub(lambda m: m.group(1) + "***", text)
 
 

@@ -64,6 +64,23 @@ def test_secret_keys_are_masked_at_any_depth() -> None:
     assert masked["api_key"] == "***" + KEY[-4:]
 
 
+def test_remembered_keys_mask_as_the_first_time_and_stay_bounded() -> None:
+    """Keys are remembered between payloads (a speed-up): the second payload is masked the same,
+    odd keys still work, and a flood of distinct keys does not grow the memory without bound."""
+    from retailcrm_service.storage import journal
+
+    data = {"token": "t" * 30, "phone": "+79161234567", 7: "seven", "bad\x00key": "\ud800"}
+    first = mask_payload(data)
+    assert mask_payload(data) == first
+    assert first["token"] == "***tttt"
+    assert first["7"] == "seven"
+    assert first["bad\ufffdkey"] == "?"
+    json.dumps(first).encode("utf-8")  # storable
+    mask_payload({f"k{i}": i for i in range(2 * journal._KEYS_MAX)})
+    assert len(journal._KEYS) <= journal._KEYS_MAX
+    assert mask_payload({"Authorization": "Bearer abc"})["Authorization"] != "Bearer abc"
+
+
 def test_redact_scrubs_known_secrets_inside_free_text() -> None:
     masked = mask_payload({"message": f"bad key {KEY} given"}, redact=[KEY])
     assert KEY not in json.dumps(masked)
