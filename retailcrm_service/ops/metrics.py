@@ -165,6 +165,12 @@ _BACKLOG: _Spec = (
 )
 _DELIVERY: _Spec = (
     ("loop_errors", "loop_errors", True, "Failures of the delivery loop (it keeps running)"),
+    (
+        "leases_released",
+        "dead_instance_leases_released",
+        True,
+        "Outbox rows of instances taken for dead handed back before their leases ran out",
+    ),
     ("instances", "instances", False, "Service instances sharing delivery (heartbeats)"),
     ("pacing_share", "pacing_share", False, "This instance's share of each API key's budget"),
 )

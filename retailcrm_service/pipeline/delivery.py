@@ -112,6 +112,9 @@ class DeliveryConfig:
     poll_interval: float = 0.5
     sweep_interval: float = 1.0
     instance_ttl: float = 5.0
+    # An instance silent this long is taken for dead and its leases are released (see
+    # OutboxStore.heartbeat); otherwise a killed instance's rows waited for their whole lease.
+    dead_instance_after: float = 15.0
     statistics_interval: float = 10.0  # how often the outbox's planner statistics are checked
     rate_limit_retry: float = 1.0
     key_unreadable_retry: float = 10.0
@@ -128,6 +131,8 @@ class DeliveryConfig:
             raise ValueError("intervals and timeouts must be positive")
         if self.instance_ttl <= self.sweep_interval:
             raise ValueError("instance_ttl must exceed sweep_interval")
+        if self.dead_instance_after <= self.instance_ttl:
+            raise ValueError("dead_instance_after must exceed instance_ttl")
 
 
 @dataclass(slots=True)
@@ -319,6 +324,7 @@ class DeliveryService:
             "loop_errors": self.loop_errors,
             "analyzed": self.analyzed,
             "settle_statements": self.settler.statements,
+            "leases_released": self.store.leases_released,
             "instances": self.instances,
             "pacing_share": round(self.pacer.share, 3),
         }
@@ -361,7 +367,9 @@ class DeliveryService:
         self._wakeup.clear()
 
     async def _sweep(self) -> None:
-        self.instances = await self.store.heartbeat(alive_within=self.config.instance_ttl)
+        self.instances = await self.store.heartbeat(
+            alive_within=self.config.instance_ttl, dead_after=self.config.dead_instance_after
+        )
         self.pacer.set_share(1.0 / self.instances)
         swept = await self.store.sweep()
         for outcome in ("expired", "superseded"):

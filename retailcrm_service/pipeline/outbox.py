@@ -552,6 +552,7 @@ class OutboxStore:
         self.owner = owner
         self.config = config or OutboxConfig()
         self._rng = rng or random.Random()
+        self.leases_released = 0  # rows of dead instances handed back by heartbeat()
 
     async def claim(self, limit: int, *, exclude: Sequence[str] = ()) -> list[OutboxRow]:
         rows = await self._pool.fetch(
@@ -581,19 +582,42 @@ class OutboxStore:
             "superseded": [r["enterprise_number"] for r in superseded],
         }
 
-    async def heartbeat(self, *, alive_within: float) -> int:
-        """Mark this instance alive; returns how many instances were alive within the window."""
+    async def heartbeat(self, *, alive_within: float, dead_after: float | None = None) -> int:
+        """Mark this instance alive; returns how many instances were alive within the window.
+
+        An instance silent for ``dead_after`` seconds (default: ten windows) is taken for dead:
+        the leases it still holds are released, so that its claimed rows go out again now
+        instead of when their leases run out (a killed instance's rows waited the whole lease).
+        A silent instance that was only stalled loses nothing by it: its settles of released
+        rows match nothing (they check the owner), and a row it had sent may be sent once more
+        (a popup shown again; an upload RetailCRM deduplicates).
+        """
+        dead_after = alive_within * 10 if dead_after is None else dead_after
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute(
                 """INSERT INTO retailcrm_delivery_instances (owner) VALUES ($1)
                    ON CONFLICT (owner) DO UPDATE SET seen_at = now()""",
                 self.owner,
             )
-            await conn.execute(
+            dead = await conn.fetch(
                 "DELETE FROM retailcrm_delivery_instances"
-                " WHERE seen_at < now() - make_interval(secs => $1)",
-                alive_within * 10,
+                " WHERE seen_at < now() - make_interval(secs => $1) RETURNING owner",
+                dead_after,
             )
+            if dead:
+                owners = [r["owner"] for r in dead]
+                released = await conn.fetchval(
+                    """WITH released AS (
+                           UPDATE retailcrm_outbox SET lease_owner = NULL, lease_until = NULL
+                           WHERE state = 'pending' AND lease_owner = ANY($1::text[])
+                           RETURNING 1)
+                       SELECT count(*) FROM released""",
+                    owners,
+                )
+                self.leases_released += int(released)
+                logger.warning(
+                    "outbox.dead_instances owners=%d leases_released=%d", len(owners), released
+                )
             count = await conn.fetchval(
                 "SELECT count(*) FROM retailcrm_delivery_instances"
                 " WHERE seen_at >= now() - make_interval(secs => $1)",

@@ -170,6 +170,42 @@ async def test_lease_of_a_dead_worker_lapses_and_another_worker_takes_the_row(
     assert await db.fetchval("SELECT state FROM retailcrm_outbox") == "pending"
 
 
+async def test_leases_of_an_instance_silent_past_dead_after_are_released_at_once(
+    pool: asyncpg.Pool, db: asyncpg.Connection
+) -> None:
+    """A killed instance's rows go out again when it is taken for dead, not when their (long)
+    leases run out; an instance silent for less keeps its leases."""
+    async with GroupCommitter(pool=pool) as committer:
+        await committer.submit(
+            [event("hangup", uid, origin="download") for uid in ("K1", "K2", "S1")]
+        )
+    killed = OutboxStore(pool=pool, owner="killed")  # 60 s leases
+    stalled = OutboxStore(pool=pool, owner="stalled")
+    alive = OutboxStore(pool=pool, owner="alive")
+    await killed.heartbeat(alive_within=5.0)
+    await stalled.heartbeat(alive_within=5.0)
+    assert len(await killed.claim(2)) == 2
+    assert len(await stalled.claim(5)) == 1
+    await db.execute(
+        "UPDATE retailcrm_delivery_instances SET seen_at = now() - CASE owner"
+        " WHEN 'killed' THEN interval '20 seconds' ELSE interval '8 seconds' END"
+    )
+    assert await alive.claim(5) == []  # every row is leased
+    assert await alive.heartbeat(alive_within=5.0, dead_after=15.0) == 1
+    assert alive.leases_released == 2
+    taken = await alive.claim(5)
+    assert sorted(r.call_unique_id for r in taken) == ["K1", "K2"]
+    owners = await db.fetch("SELECT owner FROM retailcrm_delivery_instances ORDER BY owner")
+    assert [r["owner"] for r in owners] == ["alive", "stalled"]
+    # the killed instance's late settle applies to nothing; a second heartbeat releases nothing
+    await killed.settle([Outcome(taken[0], "delivered")])
+    assert await db.fetchval("SELECT state FROM retailcrm_outbox WHERE call_unique_id = 'K1'") == (
+        "pending"
+    )
+    await alive.heartbeat(alive_within=5.0, dead_after=15.0)
+    assert alive.leases_released == 2
+
+
 async def test_retry_is_persisted_with_backoff_and_dead_letters_past_max_attempts(
     pool: asyncpg.Pool, db: asyncpg.Connection
 ) -> None:
