@@ -79,6 +79,9 @@ class OutboxConfig:
     """Intake and delivery policy; defaults are production values."""
 
     popup_ttl: float = 30.0
+    # A dial whose call's hangup is queued is superseded once it has waited this long (see
+    # _SUPERSEDE); the call services' buffers drop such popups after the same second.
+    supersede_after: float = 1.0
     lease_seconds: float = 60.0
     # History must outlive long outages (breaker deferrals spend no attempts); past these it is
     # dead-lettered, and POST /api/events/replay brings it back.
@@ -101,6 +104,8 @@ class OutboxConfig:
     def __post_init__(self) -> None:
         if self.popup_ttl <= 0 or self.lease_seconds <= 0 or self.max_age <= 0:
             raise ValueError("popup_ttl, lease_seconds and max_age must be positive")
+        if self.supersede_after < 0:
+            raise ValueError("supersede_after must not be negative")
         if self.max_attempts < 1 or self.commit_max_events < 1 or self.commit_concurrency < 1:
             raise ValueError("max_attempts, commit_max_events, commit_concurrency must be >= 1")
         if self.commit_timeout <= 0 or self.max_queued_events < 1:
@@ -480,8 +485,11 @@ RETURNING enterprise_number
 """
 
 # A dial popup is pointless once the call's hangup is queued, when it already failed (it would
-# open a card for a call that is over) or when it arrived after the hangup (senders may reorder
-# batches; the claim above never sends such a late dial).
+# open a card for a call that is over), when it is late (waiting longer than supersede_after:
+# a breaker deferral gives its attempt back, so without this the dials of an outage were all
+# shown, up to popup_ttl late, ahead of the fresh ones once RetailCRM was back; the library's
+# buffers use the same rule), or when it arrived after the hangup (senders may reorder batches;
+# the claim above never sends such a late dial).
 _SUPERSEDE = """
 UPDATE retailcrm_outbox o
 SET state = 'superseded', popup_state = 'superseded', finished_at = now(),
@@ -492,7 +500,8 @@ WHERE o.state = 'pending' AND o.kind = 'popup' AND o.event_type = 'dial'
               WHERE h.enterprise_number = o.enterprise_number
                 AND h.call_unique_id = o.call_unique_id
                 AND h.event_type = 'hangup'
-                AND (h.id < o.id OR o.attempts > 0))
+                AND (h.id < o.id OR o.attempts > 0
+                     OR o.created_at < now() - make_interval(secs => $1)))
 RETURNING enterprise_number
 """
 
@@ -575,7 +584,7 @@ class OutboxStore:
         """Expire stale popups and supersede failed dials; returns enterprises per outcome."""
         async with self._pool.acquire() as conn, conn.transaction():
             expired = await conn.fetch(_EXPIRE)
-            superseded = await conn.fetch(_SUPERSEDE)
+            superseded = await conn.fetch(_SUPERSEDE, self.config.supersede_after)
             await conn.execute(_PURGE, self.config.retention_days * 86400.0)
         return {
             "expired": [r["enterprise_number"] for r in expired],

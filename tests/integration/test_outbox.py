@@ -264,6 +264,31 @@ async def test_failed_dial_is_superseded_once_its_hangup_is_queued(
     assert (hangup.event_type, hangup.kind) == ("hangup", "popup")
 
 
+async def test_a_late_dial_is_superseded_once_its_hangup_is_queued_a_fresh_one_is_not(
+    pool: asyncpg.Pool, db: asyncpg.Connection
+) -> None:
+    """A dial deferred by an open breaker keeps no attempt, yet once it waited past
+    supersede_after with its hangup queued it is pointless: superseded, not shown late after
+    the outage. A dial whose hangup followed at once (a short call) still goes out."""
+    store = OutboxStore(pool=pool, owner="w", config=OutboxConfig(supersede_after=1.0))
+    async with GroupCommitter(pool=pool) as committer:
+        await committer.submit([event("dial", "LATE"), event("dial", "SHORT")])
+        (deferred,) = await store.claim(1)  # the first committed: LATE's dial
+        assert deferred.call_unique_id == "LATE"
+        await store.settle([Outcome(deferred, "deferred", "breaker open", retry_after=30.0)])
+        await committer.submit([event("hangup", "LATE"), event("hangup", "SHORT")])
+    await db.execute(
+        "UPDATE retailcrm_outbox SET created_at = created_at - interval '5 seconds'"
+        " WHERE call_unique_id = 'LATE' AND event_type = 'dial'"
+    )
+    assert (await store.sweep())["superseded"] == ["0367"]
+    rows = await db.fetch(
+        "SELECT call_unique_id, state, attempts FROM retailcrm_outbox"
+        " WHERE event_type = 'dial' ORDER BY call_unique_id"
+    )
+    assert [tuple(r) for r in rows] == [("LATE", "superseded", 0), ("SHORT", "pending", 0)]
+
+
 async def test_replay_makes_dead_events_of_an_enterprise_pending_again(
     pool: asyncpg.Pool, db: asyncpg.Connection
 ) -> None:
