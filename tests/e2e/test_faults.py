@@ -114,12 +114,17 @@ def test_two_instances_on_one_database_deliver_every_event_once(
     finally:
         one.stop()
         two.stop()
-    assert states == {"delivered": 80}
+    # Both instances pace at half the key's budget, so a dial may wait past a second with its
+    # hangup already queued: then it is superseded (pointless: the call is over), never sent late.
+    superseded = states.pop("superseded", 0)
+    assert states == {"delivered": 80 - superseded}
+    assert superseded <= 40
     account = sandbox_state(crm)["accounts"][ACCOUNT]
     assert len(account["calls"]) == 40
     assert all(c["duplicates"] == 0 for c in account["calls"])
     sent = [(e["event"]["callExternalId"], e["event"]["type"]) for e in account["events"]]
-    assert len(sent) == len(set(sent)) == 80
+    assert len(sent) == len(set(sent)) == 80 - superseded
+    assert sum(1 for _, kind in sent if kind == "hangup") == 40
     assert sandbox_state(crm)["rateLimitRejections"]["count"] == 0
 
 
