@@ -540,16 +540,22 @@ async def finish_scenarios(bench: Bench, timeline: list[Scenario]) -> dict[str, 
     return out
 
 
-async def probe(bench: Bench, plan: Plan) -> dict[str, Any]:
-    """``--probe``: ours alone at ``--load`` for ``--probe`` seconds (to profile, or to try a
-    change quickly); no knee search, no faults, no baseline."""
+async def at_load(bench: Bench, plan: Plan, label: str) -> tuple[Any, str, dict[str, Any]]:
+    """``plan.load`` calls/s for ``plan.steady_s``, drained: (records, phase, figures)."""
     before = await bench.snapshot()
     phase = bench.new_phase()
     segment = {"phase": phase, "start": 0.0, "duration": plan.steady_s, "rate": plan.load}
-    records = await bench.play(f"ours: probe {plan.load:g} calls/s", [segment])
+    records = await bench.play(label, [segment])
     loaded = await bench.snapshot()
     await bench.drain(records.expected_history(), plan.step_drain_s)
     figures = step_figures(records, bench, usage(before, loaded, await bench.snapshot()))
+    return records, phase, figures
+
+
+async def probe(bench: Bench, plan: Plan) -> dict[str, Any]:
+    """``--probe``: ours alone at ``--load`` for ``--probe`` seconds (to profile, or to try a
+    change quickly); no knee search, no faults, no baseline."""
+    _, _, figures = await at_load(bench, plan, f"ours: probe {plan.load:g} calls/s")
     bench.progress.close()
     out = {"bench": "peak_calls", "probe": True, "load_calls_per_s": plan.load}
     out.update({k: v for k, v in figures.items() if not k.startswith("_")})
@@ -588,13 +594,7 @@ async def run(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
         ours_knee, ours_steps = await knee(bench, "ours")
         await bench.drain([], plan.step_drain_s)  # what the failing step left behind
 
-        before = await bench.snapshot()
-        phase = bench.new_phase()
-        segment = {"phase": phase, "start": 0.0, "duration": plan.steady_s, "rate": plan.load}
-        records = await bench.play(f"ours: steady {plan.load:g} calls/s", [segment])
-        loaded = await bench.snapshot()
-        await bench.drain(records.expected_history(), plan.step_drain_s)
-        steady = step_figures(records, bench, usage(before, loaded, await bench.snapshot()))
+        records, phase, steady = await at_load(bench, plan, f"ours: steady {plan.load:g} calls/s")
         steady.update(design="ours", rate=plan.load, phase=phase)
 
         drops_start = await stack.client_drops()
