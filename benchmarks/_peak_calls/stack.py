@@ -107,7 +107,11 @@ class Stack:
             **os.environ,
             "DATABASE_URL": dsn,
             "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": str(Path(script).resolve().parent),
+            # The benchmark's own helpers, then the checkout it belongs to (not whatever
+            # checkout the environment's editable install points at).
+            "PYTHONPATH": os.pathsep.join(
+                str(p) for p in (Path(script).resolve().parent, Path(script).resolve().parents[1])
+            ),
         }
         self._plans = 0
 
