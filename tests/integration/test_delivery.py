@@ -376,3 +376,54 @@ async def test_rows_committed_by_another_instance_are_claimed_when_they_commit(
         await committer.submit([dial("8.1"), dial("8.2")])
         await _until(lambda: _settled(db), timeout=60.0)
     assert [r["state"] for r in await _rows(db)] == ["delivered"] * 2
+
+
+async def _claims_for(service: DeliveryService, db: asyncpg.Connection, submit: Any) -> int:
+    """Claim statements from ``submit()`` until its rows are settled and the loop is idle."""
+    assert service._listener is not None
+    await asyncio.wait_for(service._listener.wait_listening(), 15.0)
+    await asyncio.sleep(0.3)  # the start-up claim is done: the loop idles (poll_interval 600 s)
+    before = service.claims
+    await submit()
+    await _until(lambda: _settled(db), timeout=60.0)
+    await asyncio.sleep(0.3)  # the wake-up of the last enterprise task to finish
+    return service.claims - before
+
+
+async def test_a_claim_that_came_back_short_is_not_followed_by_an_empty_one(
+    pool: asyncpg.Pool, db: asyncpg.Connection, crm: SandboxServer, database_url: str
+) -> None:
+    """One event: the commit's wake-up claims it, the enterprise's task wakes the loop when it
+    ends (rows of the same call may be due then), and that is all: no empty claim right after
+    a short one (it was half the claims under steady load)."""
+    await add_enterprise(db, crm.url, crm.api_key)
+    config = DeliveryConfig(poll_interval=600.0, sweep_interval=0.2, claim_gap=0.0)
+    service = DeliveryService(
+        pool=pool, configs=Configs(pool), config=config, listen_dsn=database_url
+    )
+    async with service, GroupCommitter(pool=pool) as committer:
+        claims = await _claims_for(service, db, lambda: committer.submit([dial("9.1")]))
+    assert claims == 2
+    assert service.stats()["claim_statements"] == service.claims
+
+
+async def test_wake_ups_within_the_claim_gap_share_one_claim(
+    pool: asyncpg.Pool, db: asyncpg.Connection, crm: SandboxServer, database_url: str
+) -> None:
+    """Five commits in quick succession, each waking the loop: the first is claimed at once,
+    the other four wait out the gap and go in one claim (then the empty one after the last
+    task), instead of a claim per wake-up."""
+    await add_enterprise(db, crm.url, crm.api_key)
+    config = DeliveryConfig(poll_interval=600.0, sweep_interval=0.2, claim_gap=0.5)
+    service = DeliveryService(
+        pool=pool, configs=Configs(pool), config=config, listen_dsn=database_url
+    )
+
+    async def five_commits() -> None:
+        for i in range(5):
+            await committer.submit([dial(f"9.{10 + i}")])
+
+    async with service, GroupCommitter(pool=pool) as committer:
+        claims = await _claims_for(service, db, five_commits)
+    assert claims <= 3
+    assert [r["state"] for r in await _rows(db)] == ["delivered"] * 5

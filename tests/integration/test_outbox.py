@@ -359,6 +359,26 @@ async def test_concurrent_settles_share_statements_and_each_caller_sees_its_own_
     )
 
 
+async def test_settles_arriving_within_the_linger_go_in_one_statement(
+    pool: asyncpg.Pool, db: asyncpg.Connection
+) -> None:
+    """Without a statement running, settles a few ms apart (requests of different enterprises
+    ending) would each run their own UPDATE; the leader's linger gathers them."""
+    async with GroupCommitter(pool=pool) as committer:
+        await committer.submit([event("dial", f"L.{i}") for i in range(4)])
+    store = OutboxStore(pool=pool, owner="w1")
+    rows = await store.claim(4)
+
+    async def later(index: int, settler: GroupSettler) -> None:
+        await asyncio.sleep(0.02 * index)
+        await settler.settle([Outcome(rows[index], "delivered")])
+
+    lingering = GroupSettler(store, linger=0.5)
+    await asyncio.gather(*(later(i, lingering) for i in range(4)))
+    assert (lingering.statements, lingering.settled) == (1, 4)
+    assert await db.fetchval("SELECT count(*) FROM retailcrm_outbox WHERE state = 'delivered'") == 4
+
+
 async def test_a_failed_group_settle_reaches_its_callers_and_the_next_group_still_runs(
     pool: asyncpg.Pool, db: asyncpg.Connection
 ) -> None:
