@@ -114,6 +114,31 @@ async def test_rows_are_stored_in_batches_and_flushed_on_close() -> None:
     assert sink.rows[0].integration_type == "retailcrm"
 
 
+async def test_rows_written_within_the_linger_share_one_insert() -> None:
+    sink = MemorySink()
+    async with IntegrationLogWriter(sink=sink, linger=0.3) as writer:
+        for i in range(5):
+            writer.write("0367", "call_event", request_data={"i": i}, response_data={}, status="ok")
+            await asyncio.sleep(0.01)
+        await writer.flush()
+        assert [len(b) for b in sink.batches] == [5]
+
+
+async def test_closing_the_writer_stores_lingering_rows_at_once() -> None:
+    sink = MemorySink()
+    writer = IntegrationLogWriter(sink=sink, linger=10.0, close_timeout=60.0)
+    async with writer:
+        writer.write("0367", "call_event", request_data={}, response_data={}, status="ok")
+        await asyncio.sleep(0.05)  # the writer now lingers for the next rows
+    assert len(sink.rows) == 1
+    assert writer.stats()["lost"] == 0
+
+
+def test_linger_out_of_range_is_refused() -> None:
+    with pytest.raises(ValueError, match="linger"):
+        IntegrationLogWriter(sink=MemorySink(), linger=-1)
+
+
 async def test_write_never_blocks_and_counts_drops_when_full() -> None:
     sink = MemorySink()
     writer = IntegrationLogWriter(sink=sink, max_queue=3)
