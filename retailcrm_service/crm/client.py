@@ -52,7 +52,7 @@ AUTH_ERROR_MESSAGES = frozenset(
 )
 
 
-class _Transport(AiohttpTransport):
+class AioTransport(AiohttpTransport):
     """httpx requests over aiohttp's connection pool.
 
     httpx's own pool (httpcore) scans every pooled connection on each request: with one
@@ -77,7 +77,7 @@ def http_client(
 ) -> httpx.AsyncClient:
     """The HTTP client for RetailCRM accounts (shared by every account of an instance);
     ``wrap`` may wrap its transport (the metrics count and time every request there)."""
-    transport: httpx.AsyncBaseTransport = _Transport(
+    transport: httpx.AsyncBaseTransport = AioTransport(
         limits=httpx.Limits(max_connections=max_connections)
     )
     return httpx.AsyncClient(
