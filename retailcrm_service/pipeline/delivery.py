@@ -546,8 +546,7 @@ class DeliveryService:
                 return
             await settle([await sender.popup(row)])
         if history:
-            bridges = await self.store.bridges(number, [r.call_unique_id for r in history])
-            await sender.history(history, bridges, settle)
+            await sender.history(history, settle)
 
     def _record(self, number: str, outcomes: Sequence[Outcome]) -> None:
         counters = self._count(number)
@@ -646,7 +645,6 @@ class _Sender:
     async def history(
         self,
         rows: list[OutboxRow],
-        bridges: dict[str, list[dict[str, Any]]],
         settle: Callable[[list[Outcome]], Awaitable[None]],
     ) -> None:
         if self.events.get("call_history") is False:
@@ -656,7 +654,7 @@ class _Sender:
         mapped: list[tuple[OutboxRow, dict[str, Any]]] = []
         for row in rows:
             try:
-                call = history_call(row.payload, self._mapping, bridges.get(row.call_unique_id, []))
+                call = history_call(row.payload, self._mapping, row.bridges or [])
             except Exception as exc:
                 skipped.append(_unmappable(row, exc))
                 continue

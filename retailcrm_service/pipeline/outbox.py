@@ -415,10 +415,13 @@ class OutboxRow:
     attempts: int
     created_at: datetime
     expires_at: datetime | None
+    # A history row's call's bridge payloads, oldest first (read by the claim; None otherwise).
+    bridges: list[dict[str, Any]] | None = None
 
     @classmethod
     def from_record(cls, r: asyncpg.Record) -> OutboxRow:
         payload = r["payload"]
+        bridges = r.get("bridges")
         return cls(
             id=r["id"],
             enterprise_number=r["enterprise_number"],
@@ -432,6 +435,7 @@ class OutboxRow:
             attempts=r["attempts"],
             created_at=r["created_at"],
             expires_at=r["expires_at"],
+            bridges=json.loads(bridges) if isinstance(bridges, str) else bridges,
         )
 
 
@@ -468,7 +472,10 @@ WITH candidates AS (
 UPDATE retailcrm_outbox o
 SET lease_owner = $1, lease_until = now() + make_interval(secs => $3), attempts = o.attempts + 1
 FROM candidates c WHERE o.id = c.id
-RETURNING o.*
+RETURNING o.*, CASE WHEN o.kind = 'history' THEN (
+    SELECT coalesce(json_agg(b.payload ORDER BY b.id), '[]') FROM retailcrm_outbox b
+    WHERE b.enterprise_number = o.enterprise_number AND b.call_unique_id = o.call_unique_id
+      AND b.kind = 'note') END AS bridges
 """
 
 # Popups whose time is up: a dial row ends as expired; a live hangup moves on to its history.
@@ -657,22 +664,6 @@ class OutboxStore:
         await self._pool.execute(
             "DELETE FROM retailcrm_delivery_instances WHERE owner = $1", self.owner
         )
-
-    async def bridges(
-        self, enterprise_number: str, call_ids: Sequence[str]
-    ) -> dict[str, list[dict[str, Any]]]:
-        """The bridge payloads of these calls, oldest first (for attribution)."""
-        rows = await self._pool.fetch(
-            """SELECT call_unique_id, payload FROM retailcrm_outbox
-                WHERE enterprise_number = $1 AND call_unique_id = ANY($2::text[])
-                  AND kind = 'note' ORDER BY id""",
-            enterprise_number,
-            list(call_ids),
-        )
-        found: dict[str, list[dict[str, Any]]] = {}
-        for r in rows:
-            found.setdefault(r["call_unique_id"], []).append(json.loads(r["payload"]))
-        return found
 
     async def settle(self, outcomes: Sequence[Outcome]) -> None:
         """Persist the outcomes of one pass of attempts (rows whose lease we lost are left).

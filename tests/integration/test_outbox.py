@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -115,6 +116,24 @@ async def test_live_hangup_is_a_popup_then_history_and_recovered_one_history_onl
         ("hangup", "popup", "pending"),
         ("hangup", "history", "pending"),
     ]
+
+
+async def test_a_claimed_history_row_carries_its_calls_bridges_and_a_popup_none(
+    pool: asyncpg.Pool, db: asyncpg.Connection
+) -> None:
+    """The bridges attribute a call to who answered; the claim reads them with the row (one
+    statement instead of a second SELECT per history batch)."""
+    first, second = event("bridge", "4.4"), event("bridge", "4.4", extensions=("151",))
+    second = dataclasses.replace(second, idempotency_key="bridge-2")
+    async with GroupCommitter(pool=pool) as committer:
+        await committer.submit([first, second, event("dial", "5.5")])
+        await committer.submit([event("hangup", "4.4", origin="download")])
+        await committer.submit([event("hangup", "6.6", origin="download")])
+    store = OutboxStore(pool=pool, owner="w")
+    claimed = {(r.call_unique_id, r.kind): r for r in await store.claim(10)}
+    assert claimed["4.4", "history"].bridges == [first.payload, second.payload]
+    assert claimed["6.6", "history"].bridges == []
+    assert claimed["5.5", "popup"].bridges is None
 
 
 async def test_failed_transaction_reaches_every_waiter_and_stores_nothing(
