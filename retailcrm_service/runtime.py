@@ -6,7 +6,7 @@
    for the WAL flush (``synchronous_commit = off``), for the writes whose loss in a PostgreSQL
    crash means at worst a repeated request: delivery leases and settles, and the journal (see
    docs/architecture.md#durability). Acknowledged events are committed through ``pool`` only;
-2. ``http``: one shared ``httpx.AsyncClient`` for every RetailCRM account;
+2. ``http``: one shared ``CrmHttp`` (aiohttp's pool) for every RetailCRM account;
 3. ``journal``: the ``integration_logs`` writer;
 4. ``configs``: the enterprise config cache, then its first full load;
 5. ``connections``: read, save, test, delete and register an enterprise's RetailCRM connection,
@@ -35,11 +35,10 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Final, TypeVar
 
 import asyncpg
-import httpx
 from fastapi import Depends, Request
 
 from retailcrm_service import __version__
-from retailcrm_service.crm.client import RetailCrmClient, http_client
+from retailcrm_service.crm.client import CrmHttpClient, RetailCrmClient, http_client
 from retailcrm_service.crm.connections import Connections
 from retailcrm_service.crm.pacing import Pacer
 from retailcrm_service.errors import ApiError
@@ -82,7 +81,7 @@ class Runtime:
     settings: Settings
     metrics: Metrics
     pool: asyncpg.Pool
-    http: httpx.AsyncClient
+    http: CrmHttpClient
     journal: IntegrationLogWriter
     configs: ConfigCache
     connections: Connections
@@ -215,7 +214,7 @@ async def open_runtime(
         stack.push_async_callback(relaxed_pool.close)
         # Every RetailCRM request goes through this client: counted and timed by the metrics.
         http = await stack.enter_async_context(
-            http_client(timeout=settings.retailcrm_timeout, wrap=metrics.crm_transport)
+            http_client(timeout=settings.retailcrm_timeout, observe=metrics.observe_crm)
         )
         journal = await stack.enter_async_context(
             IntegrationLogWriter(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -69,22 +70,108 @@ class AioTransport(AiohttpTransport):
             raise httpx.TransportError(type(exc).__name__, request=request) from exc
 
 
+# How a request to RetailCRM ended, for the metrics: (path, status or None, error or None, seconds).
+Observer = Callable[[str, int | None, str | None, float], None]
+
+
+@dataclass(frozen=True, slots=True)
+class RawResponse:
+    status: int
+    retry_after: str | None
+    text: str
+
+
+class CrmHttp:
+    """The HTTP client of RetailCRM accounts (one per instance, shared by every account).
+
+    Requests go straight to aiohttp's pool. Through httpx (over the same pool) each request
+    cost the service about a fifth more CPU: building the ``httpx.Request``, the client's
+    auth/redirect/cookie machinery and re-streaming the body (benchmarks/peak_calls.py, the
+    service's profile at peak). ``RetailCrmClient`` also accepts an ``httpx.AsyncClient`` (the
+    unit tests use ``httpx.MockTransport``); both go through the same request building and
+    answer interpretation. ``observe`` hears how each request ended (the metrics).
+    """
+
+    def __init__(
+        self, *, timeout: float, max_connections: int = 100, observe: Observer | None = None
+    ) -> None:
+        self._timeout = timeout
+        self._max_connections = max_connections
+        self._observe = observe
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        # Created on first use, inside the running loop, as aiohttp requires.
+        connector = aiohttp.TCPConnector(
+            limit=self._max_connections, keepalive_timeout=5.0, ssl=httpx.create_ssl_context()
+        )
+        self._session = aiohttp.ClientSession(connector=connector, trust_env=False)
+        return self._session
+
+    async def request(
+        self,
+        verb: str,
+        url: str,
+        *,
+        path: str,
+        headers: list[tuple[str, str]],
+        content: bytes,
+        seconds: float | None = None,
+    ) -> RawResponse:
+        """One request (``seconds``: its timeout, else the client's); raises ``TimeoutError``
+        or ``ConnectionError`` with the cause chained."""
+        session = self._session or self._open()
+        limit = self._timeout if seconds is None else seconds
+        started = time.perf_counter()
+        status: int | None = None
+        error: str | None = None
+        try:
+            async with session.request(
+                verb,
+                url,
+                headers=headers,
+                data=content or None,
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(sock_connect=limit, sock_read=limit, connect=limit),
+            ) as response:
+                status = response.status
+                body = await response.read()
+                return RawResponse(
+                    status,
+                    response.headers.get("Retry-After"),
+                    body.decode(response.get_encoding() if body else "utf-8", errors="replace"),
+                )
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            error = "timeout"
+            raise TimeoutError(f"no answer within {limit} s") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            error = "unreachable"
+            raise ConnectionError(type(exc).__name__) from exc
+        finally:
+            if self._observe is not None:
+                self._observe(path, status, error, time.perf_counter() - started)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> CrmHttp:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+# What RetailCrmClient takes as ``http``: the service's CrmHttp, or any httpx.AsyncClient.
+CrmHttpClient = CrmHttp | httpx.AsyncClient
+
+
 def http_client(
-    *,
-    timeout: float,
-    max_connections: int = 100,
-    wrap: Callable[[httpx.AsyncBaseTransport], httpx.AsyncBaseTransport] | None = None,
-) -> httpx.AsyncClient:
-    """The HTTP client for RetailCRM accounts (shared by every account of an instance);
-    ``wrap`` may wrap its transport (the metrics count and time every request there)."""
-    transport: httpx.AsyncBaseTransport = AioTransport(
-        limits=httpx.Limits(max_connections=max_connections)
-    )
-    return httpx.AsyncClient(
-        timeout=timeout,
-        transport=wrap(transport) if wrap is not None else transport,
-        follow_redirects=False,
-    )
+    *, timeout: float, max_connections: int = 100, observe: Observer | None = None
+) -> CrmHttp:
+    """The HTTP client for RetailCRM accounts (see ``CrmHttp``)."""
+    return CrmHttp(timeout=timeout, max_connections=max_connections, observe=observe)
 
 
 class RetailCrmError(Exception):
@@ -193,7 +280,7 @@ class RetailCrmClient:
         *,
         domain: str,
         api_key: Secret | str,
-        http: httpx.AsyncClient,
+        http: CrmHttpClient,
         timeout: float = 3.0,
     ) -> None:
         self.domain = normalize_domain(domain)
@@ -293,9 +380,6 @@ class RetailCrmClient:
         params: list[tuple[str, str]] | None = None,
         data: dict[str, str] | None = None,
     ) -> dict[str, Any]:
-        # The request is built here, not by AsyncClient.request(): its build_request() merges
-        # the client's URL, headers, cookies and query per call, and cost about 2.5x as much
-        # CPU as this (benchmarks/peak_calls.py: it was 9 % of the service's samples at peak).
         headers = [
             ("X-API-KEY", self._api_key.get_secret_value()),
             ("Accept", "application/json"),
@@ -305,39 +389,59 @@ class RetailCrmClient:
         if data is not None:
             content = urlencode(data).encode("ascii")
             headers.append(("Content-Type", "application/x-www-form-urlencoded"))
-        request = httpx.Request(
-            verb,
-            httpx.URL(self.domain + path, params=params) if params else self.domain + path,
-            headers=headers,
-            content=content,
-            extensions={"timeout": httpx.Timeout(self._timeout).as_dict()},
-        )
+        url = self.domain + path
+        if params:
+            url = str(httpx.URL(url, params=params))
         try:
-            response = await self._http.send(request)
-        except httpx.TimeoutException as exc:
+            if isinstance(self._http, CrmHttp):
+                raw = await self._http.request(
+                    verb, url, path=path, headers=headers, content=content, seconds=self._timeout
+                )
+            else:
+                raw = await _via_httpx(self._http, verb, url, headers, content, self._timeout)
+        except TimeoutError as exc:
             logger.info("retailcrm.timeout method=%s path=%s", verb, path)
             raise RetailCrmUnavailable(f"timeout calling {path}", method=path) from exc
-        except httpx.HTTPError as exc:
-            logger.info(
-                "retailcrm.unreachable method=%s path=%s error=%s", verb, path, type(exc).__name__
-            )
-            raise RetailCrmUnavailable(
-                f"cannot reach RetailCRM ({type(exc).__name__})", method=path
-            ) from exc
-        logger.debug(
-            "retailcrm.response method=%s path=%s status=%s", verb, path, response.status_code
-        )
-        return _interpret(response, path)
+        except ConnectionError as exc:
+            logger.info("retailcrm.unreachable method=%s path=%s error=%s", verb, path, exc)
+            raise RetailCrmUnavailable(f"cannot reach RetailCRM ({exc})", method=path) from exc
+        logger.debug("retailcrm.response method=%s path=%s status=%s", verb, path, raw.status)
+        return _interpret(raw, path)
 
 
-def _interpret(response: httpx.Response, path: str) -> dict[str, Any]:
-    status = response.status_code
+async def _via_httpx(
+    http: httpx.AsyncClient,
+    verb: str,
+    url: str,
+    headers: list[tuple[str, str]],
+    content: bytes,
+    seconds: float,
+) -> RawResponse:
+    """The same request through an ``httpx.AsyncClient``, with ``CrmHttp``'s errors."""
+    request = httpx.Request(
+        verb,
+        url,
+        headers=headers,
+        content=content,
+        extensions={"timeout": httpx.Timeout(seconds).as_dict()},
+    )
+    try:
+        response = await http.send(request)
+    except httpx.TimeoutException as exc:
+        raise TimeoutError(f"no answer within {seconds} s") from exc
+    except httpx.HTTPError as exc:
+        raise ConnectionError(type(exc).__name__) from exc
+    return RawResponse(response.status_code, response.headers.get("Retry-After"), response.text)
+
+
+def _interpret(response: RawResponse, path: str) -> dict[str, Any]:
+    status = response.status
     if status in (429, 503):
         raise RetailCrmRateLimited(
             f"rate limited (HTTP {status})",
             status=status,
             method=path,
-            retry_after=parse_retry_after(response.headers.get("Retry-After"), cap=RETRY_AFTER_CAP),
+            retry_after=parse_retry_after(response.retry_after, cap=RETRY_AFTER_CAP),
         )
     text = response.text
     if text.lstrip().startswith("<"):

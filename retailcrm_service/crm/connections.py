@@ -24,10 +24,9 @@ import logging
 from typing import Any
 
 import asyncpg
-import httpx
 
 from retailcrm_service.crm import integration_module as module
-from retailcrm_service.crm.client import RetailCrmClient, RetailCrmError
+from retailcrm_service.crm.client import CrmHttpClient, RetailCrmClient, RetailCrmError
 from retailcrm_service.errors import ApiError
 from retailcrm_service.ops.metrics import Metrics
 from retailcrm_service.security import admin_auth as auth
@@ -80,7 +79,7 @@ class Connections:
         settings: Settings,
         metrics: Metrics,
         pool: asyncpg.Pool,
-        http: httpx.AsyncClient,
+        http: CrmHttpClient,
         journal: IntegrationLogWriter,
         configs: ConfigCache,
     ) -> None:

@@ -5,8 +5,8 @@
 - ``metrics.registry``: the app's own ``CollectorRegistry``; other components create their
   collectors with ``registry=metrics.registry`` (never the global default registry).
 - instrumented series: ``http_requests`` and ``http_seconds`` (by route template, never by raw
-  path), ``intake_commit_seconds``, ``retailcrm_calls``, and every request to RetailCRM through
-  ``crm_transport`` (``retailcrm_service_crm_requests_total`` and its latency histogram);
+  path), ``intake_commit_seconds``, ``retailcrm_calls``, and every request to RetailCRM, heard
+  by ``observe_crm`` (``retailcrm_service_crm_requests_total`` and its latency histogram);
 - ``metrics.add_source(name, fn)``: ``fn() -> dict`` becomes ``/stats[name]``. ``/metrics`` reads
   the known sources at scrape time and exports them as typed families (counters as counters,
   levels as gauges, names fixed, variable parts as labels): see ``_ServiceCollector`` and the
@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-import httpx
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -64,35 +62,6 @@ def _crm_outcome(status: int) -> str:
     if 400 <= status < 500:
         return "rejected"
     return "server_error"
-
-
-class _CrmTransport(httpx.AsyncBaseTransport):
-    """Counts and times every request to RetailCRM (time to the response's headers)."""
-
-    def __init__(self, inner: httpx.AsyncBaseTransport, metrics: Metrics) -> None:
-        self._inner = inner
-        self._metrics = metrics
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        endpoint = crm_endpoint(request.url.path)
-        started = time.perf_counter()
-        outcome = "error"
-        try:
-            response = await self._inner.handle_async_request(request)
-            outcome = _crm_outcome(response.status_code)
-            return response
-        except httpx.TimeoutException:
-            outcome = "timeout"
-            raise
-        except httpx.TransportError:
-            outcome = "unreachable"
-            raise
-        finally:
-            self._metrics.crm_requests.labels(endpoint, outcome).inc()
-            self._metrics.crm_seconds.labels(endpoint).observe(time.perf_counter() - started)
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
 
 
 class _ServiceCollector(Collector):
@@ -278,7 +247,7 @@ class Metrics:
         )
         self.crm_seconds = Histogram(
             f"{PREFIX}_crm_request_duration_seconds",
-            "Time to RetailCRM's answer (headers), by API endpoint",
+            "Time to RetailCRM's whole answer, by API endpoint",
             ["endpoint"],
             buckets=REQUEST_BUCKETS,
             registry=self.registry,
@@ -286,9 +255,12 @@ class Metrics:
         self._sources: dict[str, StatsSource] = {}
         self.registry.register(_ServiceCollector(self))
 
-    def crm_transport(self, inner: httpx.AsyncBaseTransport) -> httpx.AsyncBaseTransport:
-        """``inner`` wrapped so every request through it is counted and timed."""
-        return _CrmTransport(inner, self)
+    def observe_crm(self, path: str, status: int | None, error: str | None, seconds: float) -> None:
+        """Count and time one request to RetailCRM (``CrmHttp``'s observer)."""
+        endpoint = crm_endpoint(path)
+        outcome = error or ("error" if status is None else _crm_outcome(status))
+        self.crm_requests.labels(endpoint, outcome).inc()
+        self.crm_seconds.labels(endpoint).observe(seconds)
 
     def add_source(self, name: str, source: StatsSource) -> None:
         if not re.fullmatch(r"[a-z][a-z0-9_]*", name):

@@ -35,10 +35,10 @@ from types import TracebackType
 from typing import Any, Protocol
 
 import asyncpg
-import httpx
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from retailcrm_service.crm.client import (
+    CrmHttpClient,
     RetailCrmApiError,
     RetailCrmClient,
     RetailCrmError,
@@ -220,7 +220,7 @@ class DeliveryService:
         pool: asyncpg.Pool,
         configs: ConfigSource,
         logs: LogSink | None = None,
-        http: httpx.AsyncClient | None = None,
+        http: CrmHttpClient | None = None,
         config: DeliveryConfig | None = None,
         outbox: OutboxConfig | None = None,
         owner: str | None = None,

@@ -23,9 +23,9 @@ from types import TracebackType
 from typing import Any, Protocol
 
 import asyncpg
-import httpx
 from prometheus_client import CollectorRegistry
 
+from retailcrm_service.crm.client import CrmHttpClient
 from retailcrm_service.crm.pacing import Pacer
 from retailcrm_service.pipeline.delivery import (
     ConfigSource,
@@ -206,7 +206,7 @@ class EventPipeline:
         configs: ConfigSource,
         delivery_pool: asyncpg.Pool | None = None,
         logs: LogSink | None = None,
-        http: httpx.AsyncClient | None = None,
+        http: CrmHttpClient | None = None,
         outbox: OutboxConfig | None = None,
         delivery: DeliveryConfig | None = None,
         deliver: bool = True,

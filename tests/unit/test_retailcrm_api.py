@@ -184,11 +184,12 @@ async def test_timeouts_and_network_errors_are_unavailable() -> None:
     def refused(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("refused", request=request)
 
-    for handler in (timeout, refused):
+    for handler, kind in ((timeout, TimeoutError), (refused, ConnectionError)):
         client, _ = make(handler)
         with pytest.raises(RetailCrmUnavailable) as caught:
             await client.call_event({"phone": "1", "type": "in"})
-        assert isinstance(caught.value.__cause__, httpx.HTTPError)
+        assert isinstance(caught.value.__cause__, kind)  # as CrmHttp raises them
+        assert isinstance(caught.value.__cause__.__cause__, httpx.HTTPError)
 
 
 async def test_path_segments_are_checked() -> None:
