@@ -136,7 +136,16 @@ async def test_failing_account_opens_its_breaker_and_defers_without_spending_att
 
         await _until(opened)
         await asyncio.sleep(0.5)
-        attempts = [r["attempts"] for r in await _rows(db)]
+        # A claimed row counts its attempt until its settle gives a deferral's back: read
+        # when no row is held (the retried rows are claimed again, and deferred, meanwhile).
+        attempts: list[int] = []
+
+        async def unheld() -> bool:
+            rows = await _rows(db)
+            attempts[:] = [r["attempts"] for r in rows]
+            return not any(r["lease_owner"] for r in rows)
+
+        await _until(unheld)
     # two real failures tripped it; everything else waits without using up its attempts
     assert sum(attempts) == 2
     assert all(r["state"] == "pending" for r in await _rows(db))
