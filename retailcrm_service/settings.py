@@ -25,7 +25,7 @@ in the error (``SettingsError``); command-line flags are applied over it by the 
 | ``RETAILCRM_OUTBOX_RETRY_CAP`` | ``300`` | longest wait between attempts, seconds |
 | ``RETAILCRM_OUTBOX_RETENTION_DAYS`` | ``7`` | how long settled rows are kept |
 | ``RETAILCRM_DELIVERY_POLL_INTERVAL`` | ``0.5`` | delivery's poll when no commit wakes it |
-| ``RETAILCRM_DELIVERY_BREAKER_OPEN_MAX`` | ``60`` | longest open period of an account's breaker |
+| ``RETAILCRM_DELIVERY_BREAKER_OPEN_MAX`` | ``15`` | longest open period of an account's breaker |
 | ``RETAILCRM_PACING_GENERAL_RPS`` | ``8`` | requests/s per API key (RetailCRM allows 10) |
 | ``RETAILCRM_PACING_TELEPHONY_RPS`` | ``32`` | telephony requests/s per key (RetailCRM: 40) |
 | ``RETAILCRM_DIALPLAN_RPS`` | ``20`` | dialplan lookups/s per enterprise (bursts of twice that) |
@@ -56,7 +56,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from retailcrm_service.crm.pacing import PacingConfig
-from retailcrm_service.pipeline.delivery import DeliveryConfig
+from retailcrm_service.pipeline.delivery import CLAIM_GAP, DeliveryConfig
 from retailcrm_service.pipeline.outbox import OutboxConfig
 from retailcrm_service.security.secrets import Secret
 from retailcrm_service.telephony.asterisk_ssh import AsteriskSettings
@@ -334,7 +334,8 @@ def asterisk_from(env: Mapping[str, str]) -> AsteriskSettings:
 def pipeline_from(env: Mapping[str, str]) -> PipelineSettings:
     """``RETAILCRM_OUTBOX_*``, ``RETAILCRM_DELIVERY_*`` and ``RETAILCRM_PACING_*``."""
     retry_cap = _positive(env, "RETAILCRM_OUTBOX_RETRY_CAP", 300.0)
-    open_max = _positive(env, "RETAILCRM_DELIVERY_BREAKER_OPEN_MAX", 60.0)
+    open_max = _positive(env, "RETAILCRM_DELIVERY_BREAKER_OPEN_MAX", 15.0)
+    poll_interval = _positive(env, "RETAILCRM_DELIVERY_POLL_INTERVAL", 0.5)
     try:
         outbox = OutboxConfig(
             popup_ttl=_positive(env, "RETAILCRM_OUTBOX_POPUP_TTL", 30.0),
@@ -347,7 +348,8 @@ def pipeline_from(env: Mapping[str, str]) -> PipelineSettings:
         raise SettingsError(f"RETAILCRM_OUTBOX_*: {exc}") from None
     try:
         delivery = DeliveryConfig(
-            poll_interval=_positive(env, "RETAILCRM_DELIVERY_POLL_INTERVAL", 0.5),
+            poll_interval=poll_interval,
+            claim_gap=min(CLAIM_GAP, poll_interval / 2),
             breaker=BreakerConfig(open_base=min(2.0, open_max), open_max=open_max),
             pacing=PacingConfig(
                 general_rps=_positive(env, "RETAILCRM_PACING_GENERAL_RPS", 8.0),

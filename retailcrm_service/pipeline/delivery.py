@@ -80,6 +80,7 @@ from vochi_crm_client import (
 logger = logging.getLogger(__name__)
 
 CALL_EVENT = "telephony/call/event"
+CLAIM_GAP = 0.01  # DeliveryConfig.claim_gap's default
 CALLS_UPLOAD = "telephony/calls/upload"
 _KEY_UNREADABLE = "API key cannot be decrypted (RETAILCRM_SECRET_KEY)"
 
@@ -114,7 +115,7 @@ class DeliveryConfig:
     # enterprise finishing wakes the loop) wait the rest of it, so one claim takes what they
     # brought together. It bounds the extra popup latency; under steady load it halved the
     # claims (benchmarks/peak_calls.py).
-    claim_gap: float = 0.01
+    claim_gap: float = CLAIM_GAP
     # Settles wait this long for others to share their UPDATE (see GroupSettler).
     settle_linger: float = 0.005
     sweep_interval: float = 1.0
@@ -128,7 +129,9 @@ class DeliveryConfig:
     upload_batch: int = 50
     request_timeout: float = 3.0
     close_timeout: float = 5.0
-    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    # Open at most 15 s: an account probes that often during an outage (a request per 15 s is
+    # nothing), and is back within 15 s of RetailCRM's return, its failed rows with it.
+    breaker: BreakerConfig = field(default_factory=lambda: BreakerConfig(open_max=15.0))
     pacing: PacingConfig = field(default_factory=PacingConfig)
 
     def __post_init__(self) -> None:
@@ -268,6 +271,8 @@ class DeliveryService:
         )
         self.loop_errors = 0
         self.claims = 0  # claim statements run
+        self.expedited = 0  # rows made due at once when RetailCRM answered again
+        self._failing: set[str] = set()  # enterprises whose last request got no answer
         self.instances = 1
         self.analyzed = 0
         self._statistics_checked = float("-inf")
@@ -336,6 +341,7 @@ class DeliveryService:
             "loop_errors": self.loop_errors,
             "analyzed": self.analyzed,
             "claim_statements": self.claims,
+            "expedited": self.expedited,
             "settle_statements": self.settler.statements,
             "leases_released": self.store.leases_released,
             "instances": self.instances,
@@ -571,6 +577,29 @@ class DeliveryService:
             counters = self._counters[number] = EnterpriseCounters()
         return counters
 
+    def _answered(self, number: str, ok: bool) -> None:
+        """After each request: the first answer after failures means RetailCRM is back (a probe
+        of the open breaker, or the next request before it opened), so the rows that failed
+        meanwhile need not wait out their backoff (minutes, after a long outage)."""
+        if not ok:
+            self._failing.add(number)
+        elif number in self._failing:
+            self._failing.discard(number)
+            self._tasks.start(self._expedite, number, name="delivery-expedite")
+
+    async def _expedite(self, number: str) -> None:
+        try:
+            moved = await self.store.expedite(number)
+        except Exception as exc:  # they still go out when their backoff ends
+            logger.warning(
+                "delivery.expedite_failed enterprise=%s error=%s", number, type(exc).__name__
+            )
+            return
+        self.expedited += moved
+        logger.info("delivery.recovered enterprise=%s rows_due_now=%d", number, moved)
+        if moved:
+            self.wake()
+
     def _breaker(self, number: str) -> Breaker:
         breaker = self._breakers.get(number)
         if breaker is None:
@@ -750,6 +779,7 @@ class _Sender:
         finally:
             if not cancelled:
                 breaker.record(permit, ok, service._clock())
+                service._answered(self._number, ok)
 
     def _log(
         self,

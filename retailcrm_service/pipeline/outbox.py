@@ -576,6 +576,17 @@ class OutboxStore:
         )
         return [OutboxRow.from_record(r) for r in rows]
 
+    async def expedite(self, enterprise_number: str) -> int:
+        """Make the enterprise's pending rows that wait for a later retry due now (none leased);
+        returns how many."""
+        result = await self._pool.execute(
+            """UPDATE retailcrm_outbox SET due_at = now()
+                WHERE enterprise_number = $1 AND state = 'pending' AND due_at > now()
+                  AND (lease_until IS NULL OR lease_until < now())""",
+            enterprise_number,
+        )
+        return int(result.split()[-1])
+
     async def extend(self, ids: Sequence[int]) -> int:
         """Renew this owner's leases on those of ``ids`` still pending; returns how many."""
         result = await self._pool.execute(

@@ -53,6 +53,21 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
     assert s.data_dir == tmp_path
 
 
+def test_delivery_defaults_and_a_short_poll_interval(tmp_path: Path) -> None:
+    s = Settings.from_env({**BASE, "RETAILCRM_DATA_DIR": str(tmp_path)})
+    delivery = s.pipeline.delivery
+    assert (delivery.poll_interval, delivery.claim_gap, delivery.breaker.open_max) == (
+        0.5,
+        0.01,
+        15.0,
+    )
+    # A poll shorter than the claim gap shortens the gap instead of refusing to start.
+    fast = Settings.from_env(
+        {**BASE, "RETAILCRM_DATA_DIR": str(tmp_path), "RETAILCRM_DELIVERY_POLL_INTERVAL": "0.01"}
+    )
+    assert fast.pipeline.delivery.claim_gap == 0.005
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
