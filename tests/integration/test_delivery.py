@@ -438,25 +438,7 @@ async def test_wake_ups_within_the_claim_gap_share_one_claim(
     assert [r["state"] for r in await _rows(db)] == ["delivered"] * 5
 
 
-def recovered_hangup(uid: str) -> StoredEvent:
-    """A hangup from the recovery service: history only (no popup that could expire)."""
-    payload = {
-        "UniqueId": uid,
-        "Phone": "+375291234567",
-        "Extensions": ["150"],
-        "CallType": 0,
-        "CallStatus": 2,
-        "StartTime": "2026-11-26 10:00:00",
-        "EndTime": "2026-11-26 10:01:00",
-    }
-    return StoredEvent(
-        enterprise_number="0367",
-        event_type="hangup",
-        call_unique_id=uid,
-        payload=payload,
-        origin="download",
-        idempotency_key=idempotency_key("0367", uid, "hangup", []),
-    )
+DATE = "2026-11-26 10:00:00"
 
 
 async def test_rows_backed_off_in_an_outage_go_out_once_retailcrm_answers_again(
@@ -470,7 +452,7 @@ async def test_rows_backed_off_in_an_outage_go_out_once_retailcrm_answers_again(
     outbox = OutboxConfig(retry=BackoffPolicy(base=60.0, cap=60.0))
     service = DeliveryService(pool=pool, configs=Configs(pool), config=config, outbox=outbox)
     async with service, GroupCommitter(pool=pool, on_commit=service.wake) as committer:
-        await committer.submit([recovered_hangup("7.1"), recovered_hangup("7.2")])
+        await committer.submit([_hangup("7.1", DATE), _hangup("7.2", DATE)])
 
         async def backed_off() -> bool:
             rows = await _rows(db)
@@ -479,7 +461,7 @@ async def test_rows_backed_off_in_an_outage_go_out_once_retailcrm_answers_again(
         await _until(backed_off)
         assert service.expedited == 0
         crm.clear_faults()
-        await committer.submit([recovered_hangup("7.3")])
+        await committer.submit([_hangup("7.3", DATE)])
         await _until(lambda: _settled(db), timeout=20.0)
         assert service.expedited == 2
     assert [r["state"] for r in await _rows(db)] == ["delivered"] * 3
