@@ -88,3 +88,29 @@ async def test_closing_twice_is_harmless_and_a_closed_client_opens_again(
     await http.aclose()
     assert (await client.credentials())["success"] is True
     await http.aclose()
+
+
+async def test_an_answer_in_a_charset_python_does_not_know_is_still_read(
+    seen_http: tuple[CrmHttp, Seen],
+) -> None:
+    body = '{"success": true, "credentials": ["/api/v5/users"], "siteAccess": "всё"}'.encode()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=no-such-charset\r\n"
+            + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        writer.close()
+
+    http, seen = seen_http
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        client = RetailCrmClient(domain=f"http://127.0.0.1:{port}", api_key="k" * 32, http=http)
+        assert (await client.credentials())["siteAccess"] == "всё"
+    finally:
+        server.close()
+    assert seen == [("/api/credentials", 200, None)]
