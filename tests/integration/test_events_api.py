@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -114,14 +115,20 @@ def test_every_fixture_call_reaches_the_sandbox_exactly(
     # the recovered hangup produced history without any popup
     assert not [p for p in popups if p["callExternalId"] == "1764140000.77"]
     assert crm.state()["rateLimitRejections"]["count"] == 0
-    # every attempt is traced with its call id, and the API key is in no journal row
-    logged = asyncio.run(
-        _count(
-            database_url,
-            "SELECT count(DISTINCT call_unique_id) FROM integration_logs"
-            " WHERE integration_type = 'retailcrm' AND call_unique_id IS NOT NULL",
+    # every attempt is traced with its call id, and the API key is in no journal row (the
+    # journal stores its rows in batches, up to a linger after the deliveries themselves)
+    deadline = time.monotonic() + 10.0
+    while True:
+        logged = asyncio.run(
+            _count(
+                database_url,
+                "SELECT count(DISTINCT call_unique_id) FROM integration_logs"
+                " WHERE integration_type = 'retailcrm' AND call_unique_id IS NOT NULL",
+            )
         )
-    )
+        if logged >= 4 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert logged == 4
     journal = asyncio.run(_journal(database_url))
     assert journal
