@@ -9,7 +9,8 @@ series and the webhooks' ``vochi_call_service_*`` (docs/operations.md).
 
 Replies: 200 ``{"status": "queued"|"skipped", ...}``; 400 unparseable JSON; 401 no Token; 403
 unknown Token; 413 body too large; 422 a payload that cannot be a call event; 503 the matrix could
-not be read for a Token never seen before. Errors are ``{"error": {"code", "message"}}``.
+not be read for a Token never seen before; 500 a failure of our own (logged with its traceback).
+Errors are ``{"error": {"code", "message"}}``. Any other method on a webhook path gets 405.
 
 Request ids: every webhook gets one (``X-Request-ID`` taken or made, returned, in its log lines),
 and each batch POST to a CRM carries the ids of the webhooks whose events it holds
@@ -32,14 +33,14 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 import httpx
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
-from adapters.fastapi import crm_lifespan, get_crm, operations_router
+from adapters.fastapi import crm_lifespan, operations_router
 from adapters.translate import Skipped, Translator
 from retailcrm_service import __version__
 from retailcrm_service.crm.client import AioTransport
@@ -49,6 +50,7 @@ from retailcrm_service.ops.logs import (
     REQUEST_ID,
     RequestIdMiddleware,
     configure,
+    new_request_id,
     valid_request_id,
 )
 from vochi_crm_client import NOT_LOADED, CrmClient, VochiCrmError, mask_token
@@ -98,8 +100,40 @@ def parse_targets(items: Iterable[str]) -> dict[str, str]:
     return targets
 
 
-def _error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+_Reply = tuple[int, bytes]  # the status and the JSON body of a webhook's answer
+
+
+def _json(content: object) -> bytes:
+    return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _error_body(code: str, message: str) -> bytes:
+    return _json({"error": {"code": code, "message": message}})
+
+
+class _Headers:
+    """The few request headers a webhook reads, found in one pass over the ASGI list."""
+
+    __slots__ = ("content_length", "request_id", "token")
+
+    def __init__(self, raw: Iterable[tuple[bytes, bytes]]) -> None:
+        self.token: str | None = None
+        self.content_length = ""
+        self.request_id: str | None = None
+        for name, value in raw:  # the server gives names in lower case
+            if name == b"token":
+                self.token = value.decode("latin-1")
+            elif name == b"content-length":
+                self.content_length = value.decode("latin-1")
+            elif name == b"x-request-id":
+                self.request_id = value.decode("latin-1")
+
+
+def _crm_of(scope: Scope) -> CrmClient:
+    crm = scope.get("state", {}).get("crm")
+    if not isinstance(crm, CrmClient):
+        raise RuntimeError("no CrmClient in the lifespan state: use crm_lifespan()")
+    return crm
 
 
 _CALL_ID: Final = re.compile(rb'"call_unique_id":"((?:[^"\\]|\\.)*)"')
@@ -192,6 +226,7 @@ class _Webhooks:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 3.0),
             registry=self.registry,
         )
+        self._ack = {host_event: self.ack_seconds.labels(host_event) for host_event in WEBHOOKS}
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -202,21 +237,57 @@ class _Webhooks:
             }
         }
 
-    def fail(self, status: int, code: str, message: str) -> JSONResponse:
+    def fail(self, status: int, code: str, message: str) -> _Reply:
         self.errors[code] += 1
-        return _error(status, code, message)
+        return status, _error_body(code, message)
 
-    async def handle(self, request: Request, host_event: str) -> Response:
+    async def serve(self, scope: Scope, receive: Receive, send: Send, host_event: str) -> None:
+        """Answer one host webhook, at the ASGI level: the hot path skips the framework's
+        middleware, routing and ``Request`` (about a quarter of the call service's CPU per
+        webhook in ``benchmarks/peak_calls.py``), so it does their part itself: the request id,
+        the body limit, a JSON 500 for a failure."""
+        started = time.perf_counter()
+        headers = _Headers(scope["headers"])
+        request_id = REQUEST_ID.get() or valid_request_id(headers.request_id) or new_request_id()
+        reset = REQUEST_ID.set(request_id)
+        try:
+            try:
+                reply = await self.handle(scope, headers, receive, host_event)
+            except Exception:
+                logger.exception("call_service.webhook_failed event=%s", host_event)
+                reply = self.fail(500, "internal", "the webhook could not be handled")
+            if reply is None:  # the host went away before its body arrived
+                return
+            status, body = reply
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", b"%d" % len(body)),
+                        (b"x-request-id", request_id.encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+        finally:
+            REQUEST_ID.reset(reset)
+            self._ack[host_event].observe(time.perf_counter() - started)
+
+    async def handle(
+        self, scope: Scope, headers: _Headers, receive: Receive, host_event: str
+    ) -> _Reply | None:
         self.received[host_event] += 1
-        body = await self._read_body(request)
-        if isinstance(body, Response):
+        body = await self._read_body(headers, receive)
+        if not isinstance(body, dict):
             return body
-        token = request.headers.get("token") or body.get("Token")
+        token = headers.token or body.get("Token")
         if not isinstance(token, str) or not token.strip():
             return self.fail(401, "missing_token", "the Token header (or body field) is required")
-        crm = get_crm(request)
+        crm = _crm_of(scope)
         number = await self._resolve(crm, token.strip())
-        if isinstance(number, Response):
+        if not isinstance(number, str):
             return number
         try:
             result = self.translate(
@@ -226,7 +297,7 @@ class _Webhooks:
             return self.fail(422, "invalid_event", str(exc))
         if isinstance(result, Skipped):
             self.skipped[result.reason] += 1
-            return JSONResponse({"status": "skipped", "reason": result.reason})
+            return 200, _json({"status": "skipped", "reason": result.reason})
         self.request_ids.note(result.call_unique_id)
         crm.emit(result)
         logger.debug(
@@ -235,28 +306,37 @@ class _Webhooks:
             number,
             result.call_unique_id,
         )
-        return Response(_QUEUED, media_type="application/json")
+        return 200, _QUEUED
 
-    async def _read_body(self, request: Request) -> dict[str, Any] | Response:
+    async def _read_body(
+        self, headers: _Headers, receive: Receive
+    ) -> dict[str, Any] | _Reply | None:
         limit = self.settings.max_body_bytes
-        declared = request.headers.get("content-length", "")
+        declared = headers.content_length
         if declared.isdigit() and int(declared) > limit:
             return self.fail(413, "too_large", f"the body is larger than {limit} bytes")
-        chunks, size = [], 0
-        async for chunk in request.stream():
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
                 return self.fail(413, "too_large", f"the body is larger than {limit} bytes")
             chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
         try:
-            body = json.loads(b"".join(chunks))
+            body = json.loads(chunks[0] if len(chunks) == 1 else b"".join(chunks))
         except (ValueError, UnicodeDecodeError):
             return self.fail(400, "invalid_json", "the body is not valid JSON")
         if not isinstance(body, dict):
             return self.fail(400, "invalid_json", "the body must be a JSON object")
         return body
 
-    async def _resolve(self, crm: CrmClient, token: str) -> str | Response:
+    async def _resolve(self, crm: CrmClient, token: str) -> str | _Reply:
         number = crm.matrix.lookup_token(token)
         if number is NOT_LOADED:
             try:
@@ -268,6 +348,36 @@ class _Webhooks:
             return self.fail(403, "unknown_token", "the Token names no known enterprise")
         assert isinstance(number, str)
         return number
+
+
+class _CallServiceApp(FastAPI):
+    """The FastAPI app with the webhooks answered before its middleware stack: a ``POST`` to a
+    webhook path goes straight to ``_Webhooks.serve``; everything else takes the usual way."""
+
+    def __init__(self, webhooks: _Webhooks, **options: Any) -> None:
+        super().__init__(**options)
+        self.hooks = webhooks  # (FastAPI's own ``webhooks`` is its OpenAPI router)
+        self._paths = {f"/{host_event}": host_event for host_event in WEBHOOKS}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            host_event = self._paths.get(scope["path"])
+            if host_event is not None:
+                await self.hooks.serve(scope, receive, send, host_event)
+                return
+        await super().__call__(scope, receive, send)
+
+
+class _WebhookEndpoint:
+    """The webhook's route in the router (an ASGI endpoint): it answers a ``POST`` that did not
+    take the fast path (under a root path, say) the same way, and gives other methods their 405."""
+
+    def __init__(self, webhooks: _Webhooks, host_event: str) -> None:
+        self.webhooks = webhooks
+        self.host_event = host_event
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.webhooks.serve(scope, receive, send, self.host_event)
 
 
 def create_app(settings: CallServiceSettings) -> FastAPI:
@@ -285,7 +395,8 @@ def create_app(settings: CallServiceSettings) -> FastAPI:
         transport = _RequestIdTransport(inner, webhooks.request_ids)
         return CrmClient(dsn=settings.dsn, targets=settings.targets, transport=transport, **options)
 
-    app = FastAPI(
+    app = _CallServiceApp(
+        webhooks,
         title="vochi-call-service",
         lifespan=crm_lifespan(make_client, registry=webhooks.registry),
         docs_url=None,
@@ -293,7 +404,8 @@ def create_app(settings: CallServiceSettings) -> FastAPI:
         openapi_url=None,
     )
     for host_event in WEBHOOKS:
-        _add_webhook(app, webhooks, host_event)
+        endpoint = _WebhookEndpoint(webhooks, host_event)
+        app.router.routes.append(Route(f"/{host_event}", endpoint, methods=["POST"]))
     # After the webhooks, as routes of the app itself: since FastAPI 0.137 include_router()
     # adds a wrapper matched lazily on every request, at a cost larger than a webhook's own
     # handling (see retailcrm_service/api/__init__.py).
@@ -301,21 +413,6 @@ def create_app(settings: CallServiceSettings) -> FastAPI:
     app.router.routes.extend(operations.routes)
     app.add_middleware(RequestIdMiddleware)
     return app
-
-
-def _add_webhook(app: FastAPI, webhooks: _Webhooks, host_event: str) -> None:
-    ack = webhooks.ack_seconds.labels(host_event)
-
-    async def webhook(request: Request) -> Response:
-        started = time.perf_counter()
-        try:
-            return await webhooks.handle(request, host_event)
-        finally:
-            ack.observe(time.perf_counter() - started)
-
-    # A plain Starlette route: the handler reads the request itself, so FastAPI's per-request
-    # dependency machinery would only add cost (about 20-30 us of CPU per webhook).
-    app.router.routes.append(Route(f"/{host_event}", webhook, methods=["POST"], name=host_event))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Iterator
 
@@ -154,6 +155,71 @@ def test_bad_webhooks_get_a_clear_4xx_and_send_nothing(
     stats = call_service.get("/stats").json()
     assert stats["emitted"] == 0
     assert receiver[0].events == []
+
+
+def test_a_streamed_body_past_the_limit_gets_413_without_a_length(
+    call_service: httpx.Client, receiver: tuple[RecordingReceiver, ThreadedServer]
+) -> None:
+    def chunks() -> Iterator[bytes]:  # chunked transfer: no Content-Length to refuse it by
+        yield b'{"UniqueId": "1.1", "Pad": "'
+        for _ in range(20):
+            yield b"x" * 4096
+        yield b'"}'
+
+    reply = call_service.post("/dial", content=chunks(), headers={"Token": TOKEN})
+    assert reply.status_code == 413
+    assert reply.json()["error"]["code"] == "too_large"
+    assert call_service.get("/stats").json()["webhooks"]["errors"] == {"too_large": 1}
+    assert receiver[0].events == []
+
+
+def test_webhooks_return_the_request_id_and_refuse_other_methods(
+    call_service: httpx.Client,
+) -> None:
+    body = dict(fixture_records()[4]["body"])
+    given = call_service.post("/hangup", json=body, headers={"X-Request-ID": "host-7.1"})
+    assert given.status_code == 200
+    assert given.headers["x-request-id"] == "host-7.1"
+    assert given.headers["content-type"] == "application/json"
+    assert given.json() == {"status": "queued"}
+    hostile = call_service.post("/hangup", json=body, headers={"X-Request-ID": "a b\tc"})
+    assert re.fullmatch(r"[0-9a-f]{32}", hostile.headers["x-request-id"])
+    assert call_service.get("/dial").status_code == 405
+    assert call_service.put("/hangup", json=body).status_code == 405
+    assert call_service.post("/nothing", json=body).status_code == 404
+
+
+def test_a_failure_inside_a_webhook_is_a_json_500_and_the_next_one_is_served(
+    database_url: str,
+    receiver: tuple[RecordingReceiver, ThreadedServer],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    asyncio.run(_seed(database_url))
+    settings = CallServiceSettings(
+        dsn=database_url, targets={"retailcrm": f"{receiver[1].url}/api/events"}
+    )
+    app = create_app(settings)
+    hooks = app.hooks  # type: ignore[attr-defined]
+    translate = hooks.translate
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise RuntimeError("a bug in the translation")
+
+    body = dict(fixture_records()[4]["body"])
+    with (
+        ThreadedServer(app, lifespan="on") as server,
+        httpx.Client(base_url=server.url, timeout=10) as client,
+    ):
+        hooks.translate = broken
+        failed = client.post("/hangup", json=body, headers={"X-Request-ID": "r-500"})
+        hooks.translate = translate
+        assert failed.status_code == 500
+        assert failed.json()["error"]["code"] == "internal"
+        assert failed.headers["x-request-id"] == "r-500"
+        assert client.post("/hangup", json=body).status_code == 200
+        assert receiver[0].wait_for(lambda r: len(r.events) >= 1, timeout=10)
+    assert "call_service.webhook_failed event=hangup" in caplog.text
+    assert receiver[0].keys == ["0367:1764150000.101:hangup"]
 
 
 def test_health_and_stats_describe_the_client(call_service: httpx.Client) -> None:
