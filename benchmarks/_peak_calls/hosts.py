@@ -3,7 +3,8 @@
 It must never be the bottleneck, so its HTTP client is the cheapest one that is still honest:
 pre-rendered HTTP/1.1 requests written on keep-alive connections by an ``asyncio.Protocol``,
 responses parsed by their ``Content-Length`` (no client library, no per-request objects beyond
-a future). Each host (enterprise) has its own connections, opened when all of its connections are
+a future), on uvloop's event loop where it is installed (about a third less CPU than asyncio's
+own loop for the same webhooks). Each host (enterprise) has its own connections, opened when all of its connections are
 busy, as a real host's daemon does; each webhook has the hosts' 3 s timeout and no retry (a
 connection the server closed while idle is the exception: that request is resent once on a new
 connection, as every HTTP client does). Its cost is measured and reported: the CPU it used and
@@ -28,7 +29,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from _peak_calls.calls import Template, render, templates
 
@@ -49,8 +50,7 @@ class _Connection(asyncio.Protocol):
         self.got_bytes = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
@@ -114,12 +114,14 @@ class _Host:
             if self.open < MAX_CONNECTIONS_PER_HOST:
                 self.open += 1
                 try:
-                    _, conn = await asyncio.get_running_loop().create_connection(
+                    transport, conn = await asyncio.get_running_loop().create_connection(
                         _Connection, *self.address
                     )
                 except BaseException:
                     self.open -= 1
                     raise
+                if conn.transport is None:  # uvloop may call connection_made() a moment later
+                    conn.connection_made(transport)
                 return conn
             self.freed.clear()
             await self.freed.wait()
@@ -253,7 +255,12 @@ def main(plan_path: str) -> int:
         hosts.append(_Host(token.encode(), (address[0], int(address[1])), header))
     run = _Run(plan=plan, templates=templates(), hosts=hosts)
     cpu, wall = time.process_time(), time.perf_counter()
-    asyncio.run(_play(run))
+    try:
+        import uvloop
+    except ImportError:  # not on this platform: asyncio's own loop, at a higher cost
+        asyncio.run(_play(run))
+    else:
+        uvloop.run(_play(run))
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     lags = sorted(run.lags) or [0.0]
     result = {

@@ -117,6 +117,7 @@ class Sandbox:
         self.config = config
         self.clock = clock
         self.now = now
+        self._stamp: tuple[datetime | None, str] = (None, "")
         self.sleep = sleep
         self.rng = rng or random.Random()
         self.rate_limit = config.rate_limit
@@ -132,7 +133,11 @@ class Sandbox:
         self.reset()
 
     def timestamp(self) -> str:
-        return self.now().strftime("%Y-%m-%d %H:%M:%S")
+        now = self.now()
+        second = now.replace(microsecond=0)
+        if second != self._stamp[0]:  # strftime once a second, not once per request
+            self._stamp = (second, second.strftime("%Y-%m-%d %H:%M:%S"))
+        return self._stamp[1]
 
     # --- control ------------------------------------------------------------------------
 
