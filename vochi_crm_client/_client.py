@@ -42,7 +42,6 @@ __all__ = ["ClientState", "CrmClient", "Matrix"]
 
 logger = logging.getLogger(__name__)
 
-_USER_AGENT = "vochi-crm-client/0.1"
 _RESOLVE_BACKOFF = BackoffPolicy(base=0.5, cap=10.0)
 
 
@@ -175,12 +174,17 @@ class CrmClient:
                 self._matrix = await stack.enter_async_context(owned)
             assert self._matrix is not None
             self._lookup = self._matrix.lookup
+            if self._transport is not None:  # the caller's, shared: closed once, at the end
+                stack.push_async_callback(self._transport.aclose)
             for name, url in self._targets.items():
-                http = await stack.enter_async_context(self._http_client())
+                transport = self._transport
+                if transport is None:
+                    transport = self._pool()
+                    stack.push_async_callback(transport.aclose)
                 self._senders[name] = TargetSender(
                     name=name,
                     url=url,
-                    http=http,
+                    transport=transport,
                     config=self.config,
                     breaker=Breaker(self.breaker_config, rng=self._rng),
                     clock=self._clock,
@@ -216,14 +220,12 @@ class CrmClient:
             with anyio.CancelScope(shield=True):
                 await self._stack.aclose()
 
-    def _http_client(self) -> httpx.AsyncClient:
+    def _pool(self) -> httpx.AsyncHTTPTransport:
+        """A target's keep-alive pool of ``max_in_flight`` connections (the senders use a
+        transport directly: never an environment proxy for internal calls)."""
         n = self.config.max_in_flight
-        return httpx.AsyncClient(
-            transport=self._transport,
-            timeout=httpx.Timeout(self.config.attempt_timeout),
-            limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
-            headers={"content-type": "application/json", "user-agent": _USER_AGENT},
-            trust_env=False,  # never route internal calls through an environment proxy
+        return httpx.AsyncHTTPTransport(
+            limits=httpx.Limits(max_connections=n, max_keepalive_connections=n)
         )
 
     async def _drain_within_deadline(self) -> None:

@@ -287,3 +287,43 @@ async def test_a_cancelled_owner_still_drains_then_the_cancellation_proceeds() -
         assert finished.is_set()
     assert receivers.events["retailcrm.test"][0]["call_unique_id"] == "1.1"
     assert holder[0].undelivered == {"retailcrm": 0, "uon": 0}
+
+
+async def test_posts_carry_json_and_the_user_agent_and_the_given_transport_is_closed_once() -> None:
+    seen: list[httpx.Request] = []
+    receivers = Receivers()
+
+    def record(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return receivers(request)
+
+    class Counted(httpx.MockTransport):
+        closed = 0
+
+        async def aclose(self) -> None:
+            Counted.closed += 1
+
+    matrix = MemoryMatrix({"0400": frozenset({"retailcrm", "uon"})})
+    clock = FakeClock()
+    crm = CrmClient(
+        targets=TARGETS,
+        matrix=matrix,
+        dispatch=DispatchConfig(linger=0),
+        transport=Counted(record),
+        clock=clock,
+        sleep=clock.sleep,
+        rng=seeded_rng(3),
+    )
+    async with crm:
+        crm.emit(hangup("1.1", "0400"))
+        await settle()
+    assert sorted(str(r.url) for r in seen) == sorted(TARGETS.values())
+    for request in seen:  # one transport shared by both targets: the same request shape
+        assert request.method == "POST"
+        assert request.headers["content-type"] == "application/json"
+        assert request.headers["user-agent"].startswith("vochi-crm-client/")
+        assert request.headers["content-length"] == str(len(request.content))
+        assert request.headers["host"] == request.url.host
+        assert json.loads(request.content)["events"][0]["call_unique_id"] == "1.1"
+        assert set(request.extensions["timeout"]) == {"connect", "read", "write", "pool"}
+    assert Counted.closed == 1

@@ -81,13 +81,13 @@ async def sender_for(
     **config: Any,
 ) -> AsyncIterator[TargetSender]:
     config.setdefault("max_in_flight", 1)
-    async with httpx.AsyncClient(transport=httpx.MockTransport(target)) as http:
+    async with httpx.MockTransport(target) as transport:
         tasks = BackgroundTasks("test-sender")
         tasks.open()
         sender = TargetSender(
             name="crm",
             url=URL,
-            http=http,
+            transport=transport,
             config=DispatchConfig(**config),
             breaker=Breaker(breaker or BreakerConfig(), rng=seeded_rng(1)),
             clock=clock,
