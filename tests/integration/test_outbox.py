@@ -136,6 +136,43 @@ async def test_a_claimed_history_row_carries_its_calls_bridges_and_a_popup_none(
     assert claimed["5.5", "popup"].bridges is None
 
 
+@pytest.mark.parametrize("gather", [0.5, 0.0])
+async def test_a_delivered_hangup_popup_makes_its_history_due_on_the_gather_grid(
+    pool: asyncpg.Pool, db: asyncpg.Connection, gather: float
+) -> None:
+    """History comes due at the next tick of a grid, the same instant for every call that ended
+    within the interval, so one claim and one calls/upload take them together."""
+    async with GroupCommitter(pool=pool) as committer:
+        await committer.submit([event("hangup", f"G.{i}") for i in range(3)])
+    store = OutboxStore(pool=pool, owner="w", config=OutboxConfig(history_gather=gather))
+    popups = await store.claim(10)
+    assert [r.kind for r in popups] == ["popup"] * 3
+    for row in popups:  # settled one by one, at different moments
+        await store.settle([Outcome(row, "delivered")])
+    rows = await db.fetch(
+        "SELECT kind, state, extract(epoch FROM due_at)::float8 AS due, "
+        "extract(epoch FROM now())::float8 AS now FROM retailcrm_outbox"
+    )
+    assert {(r["kind"], r["state"]) for r in rows} == {("history", "pending")}
+    if gather:
+        assert len({r["due"] for r in rows}) == 1  # settled apart, due together
+        due = rows[0]["due"]
+        assert due == pytest.approx(round(due / gather) * gather, abs=1e-6)
+        assert 0 <= due - rows[0]["now"] <= gather
+        assert await store.claim(10) == []  # not before the tick
+        await asyncio.sleep(due - rows[0]["now"] + 0.02)
+    taken = await store.claim(10)
+    assert sorted(r.call_unique_id for r in taken) == ["G.0", "G.1", "G.2"]
+    assert {r.kind for r in taken} == {"history"}
+
+
+def test_history_gather_is_bounded() -> None:
+    with pytest.raises(ValueError, match="history_gather"):
+        OutboxConfig(history_gather=-1)
+    with pytest.raises(ValueError, match="history_gather"):
+        OutboxConfig(history_gather=61)
+
+
 async def test_failed_transaction_reaches_every_waiter_and_stores_nothing(
     pool: asyncpg.Pool, db: asyncpg.Connection
 ) -> None:
@@ -347,7 +384,7 @@ async def test_replay_by_id_or_key_leaves_a_leased_row_alone_and_says_so(
 async def test_dial_arriving_after_its_hangup_is_never_sent_and_is_superseded(
     pool: asyncpg.Pool, db: asyncpg.Connection
 ) -> None:
-    store = OutboxStore(pool=pool, owner="w")
+    store = OutboxStore(pool=pool, owner="w", config=OutboxConfig(history_gather=0))
     async with GroupCommitter(pool=pool) as committer:
         await committer.submit([event("hangup", "Z")])
         await committer.submit([event("dial", "Z")])

@@ -66,6 +66,11 @@ def test_delivery_defaults_and_a_short_poll_interval(tmp_path: Path) -> None:
         {**BASE, "RETAILCRM_DATA_DIR": str(tmp_path), "RETAILCRM_DELIVERY_POLL_INTERVAL": "0.01"}
     )
     assert fast.pipeline.delivery.claim_gap == 0.005
+    assert s.pipeline.outbox.history_gather == 0.5
+    at_once = Settings.from_env(
+        {**BASE, "RETAILCRM_DATA_DIR": str(tmp_path), "RETAILCRM_OUTBOX_HISTORY_GATHER": "0"}
+    )
+    assert at_once.pipeline.outbox.history_gather == 0.0
 
 
 @pytest.mark.parametrize(
@@ -80,6 +85,9 @@ def test_delivery_defaults_and_a_short_poll_interval(tmp_path: Path) -> None:
         ("RETAILCRM_LOG_RETENTION_DAYS", "-1"),
         ("RETAILCRM_DIALPLAN_RPS", "0"),
         ("RETAILCRM_DIALPLAN_RPS", "inf"),
+        ("RETAILCRM_OUTBOX_HISTORY_GATHER", "-0.5"),
+        ("RETAILCRM_OUTBOX_HISTORY_GATHER", "61"),
+        ("RETAILCRM_OUTBOX_HISTORY_GATHER", "soon"),
     ],
 )
 def test_invalid_values_are_refused(name: str, value: str, tmp_path: Path) -> None:
