@@ -131,8 +131,9 @@ def measure(records: Calls, receipts: Receipts) -> Figures:
         if not queued:
             continue
         uid, _, tpl, _ = records.calls[call_no]
-        step = records.templates[tpl].steps[step_no]
-        if step.popup is not None:
+        template = records.templates[tpl]
+        step = template.steps[step_no]
+        if step.popup is not None and _expected(step.popup, uid, template, receipts):
             figures.popups.append((sent, _latency(receipts.popups, _key(uid, step.popup), sent)))
         if step.history:
             latency = _latency(receipts.calls, uid, sent)
@@ -140,6 +141,16 @@ def measure(records: Calls, receipts: Receipts) -> Figures:
             if latency == INF:
                 figures.lost.append(uid)
     return figures
+
+
+def _expected(popup: PopupKey, uid: str, template: Template, receipts: Receipts) -> bool:
+    """A hangup event is owed only for a card that was opened: when a dial popup of its call
+    arrived (the product skips the others, and their dial popups count as missing already)."""
+    if popup[0] != "hangup":
+        return True
+    return any(
+        _key(uid, opened) in receipts.popups for opened in template.popups if opened[0] != "hangup"
+    )
 
 
 def _key(uid: str, popup: PopupKey) -> tuple[str, str, tuple[str, ...]]:

@@ -669,6 +669,10 @@ class _Sender:
         if row.expires_at is not None and row.expires_at < datetime.now(UTC):
             self._service._count(self._number).expired += 1
             return Outcome(row, "expired", "popup expired")
+        if row.card_opened is False:
+            # Its dial popups were superseded, expired or never sent (an outage, a lost dial):
+            # no card is open to close, and the request would only spend the account's budget.
+            return Outcome(row, "skipped", "no popup of this call was shown")
         option = "outgoing_popups" if call_type(row.payload) == CALL_OUTGOING else "incoming_popups"
         if self.events.get(option) is False:
             return Outcome(row, "skipped", f"{option} switched off")

@@ -424,6 +424,9 @@ class OutboxRow:
     expires_at: datetime | None
     # A history row's call's bridge payloads, oldest first (read by the claim; None otherwise).
     bridges: list[dict[str, Any]] | None = None
+    # A hangup popup's: whether a dial popup of its call was delivered, i.e. whether RetailCRM
+    # shows a card that the hangup would close (read by the claim; None otherwise: send it).
+    card_opened: bool | None = None
 
     @classmethod
     def from_record(cls, r: asyncpg.Record) -> OutboxRow:
@@ -443,6 +446,7 @@ class OutboxRow:
             created_at=r["created_at"],
             expires_at=r["expires_at"],
             bridges=json.loads(bridges) if isinstance(bridges, str) else bridges,
+            card_opened=r.get("card_opened"),
         )
 
 
@@ -482,7 +486,11 @@ FROM candidates c WHERE o.id = c.id
 RETURNING o.*, CASE WHEN o.kind = 'history' THEN (
     SELECT coalesce(json_agg(b.payload ORDER BY b.id), '[]') FROM retailcrm_outbox b
     WHERE b.enterprise_number = o.enterprise_number AND b.call_unique_id = o.call_unique_id
-      AND b.kind = 'note') END AS bridges
+      AND b.kind = 'note') END AS bridges,
+    CASE WHEN o.kind = 'popup' AND o.event_type = 'hangup' THEN EXISTS (
+    SELECT 1 FROM retailcrm_outbox d
+    WHERE d.enterprise_number = o.enterprise_number AND d.call_unique_id = o.call_unique_id
+      AND d.event_type = 'dial' AND d.state = 'delivered') END AS card_opened
 """
 
 # Popups whose time is up: a dial row ends as expired; a live hangup moves on to its history.

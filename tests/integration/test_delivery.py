@@ -200,7 +200,7 @@ async def test_work_is_handed_back_inside_the_lease_so_nothing_is_sent_twice(
     assert sorted(sent) == sorted(f"6.{i}" for i in range(6))
 
 
-def _hangup(uid: str, date: str, call_type: object = 0) -> StoredEvent:
+def _hangup(uid: str, date: str, call_type: object = 0, origin: str = "download") -> StoredEvent:
     payload = {
         "UniqueId": uid,
         "Phone": "+375291234567",
@@ -216,7 +216,7 @@ def _hangup(uid: str, date: str, call_type: object = 0) -> StoredEvent:
         event_type="hangup",
         call_unique_id=uid,
         payload=payload,
-        origin="download",
+        origin=origin,
         idempotency_key=idempotency_key("0367", uid, "hangup"),
     )
 
@@ -277,6 +277,32 @@ async def test_event_kinds_the_admin_switched_off_are_skipped_and_never_sent(
     account = crm.state()["accounts"]["test"]
     assert [e["event"]["type"] for e in account["events"]] == ["out"]
     assert account["calls"] == []
+
+
+async def test_a_hangup_closes_a_card_only_when_its_calls_dial_popup_was_shown(
+    pool: asyncpg.Pool, db: asyncpg.Connection, crm: SandboxServer
+) -> None:
+    """9.1 had its card shown: its hangup closes it. 9.2's dial came after its hangup (never
+    shown) and 9.3's dial never came: no card to close, no request. All three get history."""
+    await add_enterprise(db, crm.url, crm.api_key)
+    date = "2025-11-26 10:00:00"
+    service = _service(pool)
+    async with service, GroupCommitter(pool=pool, on_commit=service.wake) as committer:
+        await committer.submit([dial("9.1")])
+        await committer.submit([_hangup("9.1", date, origin="live")])
+        await committer.submit([_hangup("9.2", date, origin="live")])
+        await committer.submit([dial("9.2"), _hangup("9.3", date, origin="live")])
+        await _until(lambda: _settled(db))
+    rows = {(r["call_unique_id"], r["event_type"]): r for r in await _rows(db)}
+    assert rows["9.1", "hangup"]["popup_state"] == "delivered"
+    assert rows["9.2", "dial"]["state"] == "superseded"
+    for uid in ("9.2", "9.3"):
+        assert rows[uid, "hangup"]["popup_state"] == "skipped"
+    assert {rows[uid, "hangup"]["state"] for uid in ("9.1", "9.2", "9.3")} == {"delivered"}
+    account = crm.state()["accounts"]["test"]
+    sent = [(e["event"]["type"], e["event"].get("callExternalId")) for e in account["events"]]
+    assert sent == [("in", "9.1"), ("hangup", "9.1")]
+    assert sorted(c["externalId"] for c in account["calls"]) == ["9.1", "9.2", "9.3"]
 
 
 async def test_one_by_one_retry_of_a_rejected_batch_hands_back_what_the_lease_cannot_cover(

@@ -64,6 +64,14 @@ def test_a_history_that_never_arrived_is_lost_and_infinitely_late() -> None:
     assert math.isinf(summary["history_p99_ms"])
 
 
+def test_a_hangup_popup_is_owed_only_for_a_card_that_was_opened() -> None:
+    """The product sends a call's hangup event only when a dial popup of it was shown."""
+    figures = measure(records(*missed_call(100.0)), Receipts())  # the dial popup never came
+    summary = figures.summary()
+    assert (summary["popups_expected"], summary["popups_missing"]) == (1, 1)
+    assert figures.popups == [(100.0, math.inf)]
+
+
 def test_a_call_whose_hangup_the_host_never_got_acknowledged_is_not_counted_lost() -> None:
     figures = measure(records(*missed_call(100.0, hangup=-1)), Receipts())
     assert figures.lost == []
