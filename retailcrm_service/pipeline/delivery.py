@@ -387,12 +387,12 @@ class DeliveryService:
                 await self._idle(self._poll_wait())
 
     def _poll_wait(self) -> float:
-        """The poll interval, cut short just after the next tick of the history grid: gathered
-        history rows come due then, and at a quiet time no commit wakes the loop for them."""
-        grid = self.store.config.history_gather
-        if grid <= 0:
+        """The poll interval, cut short just after the tick our settles made history rows due
+        at (``OutboxConfig.history_gather``): at a quiet time no commit wakes the loop for them."""
+        until_tick = self.store.history_tick - time.time()
+        if until_tick < 0:
             return self.config.poll_interval
-        return min(self.config.poll_interval, grid - time.time() % grid + _TICK_MARGIN)
+        return min(self.config.poll_interval, until_tick + _TICK_MARGIN)
 
     async def _idle(self, seconds: float) -> None:
         try:

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import random
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -587,6 +588,9 @@ class OutboxStore:
         self.config = config or OutboxConfig()
         self._rng = rng or random.Random()
         self.leases_released = 0  # rows of dead instances handed back by heartbeat()
+        # Wall-clock time of the latest history_gather tick this instance's settles made rows
+        # due at (0: none): an idle delivery loop wakes for it.
+        self.history_tick = 0.0
 
     async def claim(self, limit: int, *, exclude: Sequence[str] = ()) -> list[OutboxRow]:
         rows = await self._pool.fetch(
@@ -736,6 +740,9 @@ class OutboxStore:
             refunds,
             self.config.history_gather,
         )
+        gather = self.config.history_gather
+        if gather > 0 and "history" in ops:  # the tick the database gave them (same clock)
+            self.history_tick = max(self.history_tick, math.ceil(time.time() / gather) * gather)
 
     def _exhausted(self, row: OutboxRow) -> bool:
         if row.attempts >= self.config.max_attempts:

@@ -442,6 +442,27 @@ async def test_a_claim_that_came_back_short_is_not_followed_by_an_empty_one(
     assert service.stats()["claim_statements"] == service.claims
 
 
+async def test_an_idle_loop_wakes_at_the_history_tick_without_waiting_for_a_poll(
+    pool: asyncpg.Pool, db: asyncpg.Connection, crm: SandboxServer
+) -> None:
+    """The hangup's popup goes at once; its history comes due at the next 0.5 s tick, and the
+    loop, with nothing else to wake it and a poll of ten minutes, claims it then."""
+    await add_enterprise(db, crm.url, crm.api_key)
+    config = DeliveryConfig(poll_interval=600.0, sweep_interval=0.2)
+    service = DeliveryService(
+        pool=pool, configs=Configs(pool), config=config, outbox=OutboxConfig(history_gather=0.5)
+    )
+    date = "2025-11-26 10:00:00"
+    async with service, GroupCommitter(pool=pool, on_commit=service.wake) as committer:
+        await committer.submit([dial("9.5")])
+        await committer.submit([_hangup("9.5", date, origin="live")])
+        # Within seconds: the tick (<= 0.5 s away), not the 600 s poll.
+        await _until(lambda: _settled(db), timeout=5.0)
+    account = crm.state()["accounts"]["test"]
+    assert [e["event"]["type"] for e in account["events"]] == ["in", "hangup"]
+    assert [c["externalId"] for c in account["calls"]] == ["9.5"]
+
+
 async def test_wake_ups_within_the_claim_gap_share_one_claim(
     pool: asyncpg.Pool, db: asyncpg.Connection, crm: SandboxServer, database_url: str
 ) -> None:
