@@ -127,14 +127,6 @@ def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
-def _history_gather(env: Mapping[str, str]) -> float:
-    name = "RETAILCRM_OUTBOX_HISTORY_GATHER"
-    value = _float(env, name, 0.5)
-    if not 0 <= value <= 60:
-        raise SettingsError(f"{name} must be between 0 and 60 seconds, got {env.get(name)!r}")
-    return value
-
-
 def _optional_secret(env: Mapping[str, str], name: str) -> Secret | None:
     raw = env.get(name, "").strip()
     return Secret(raw) if raw else None
@@ -350,7 +342,7 @@ def pipeline_from(env: Mapping[str, str]) -> PipelineSettings:
             lease_seconds=_positive(env, "RETAILCRM_OUTBOX_LEASE_SECONDS", 60.0),
             max_attempts=_positive_int(env, "RETAILCRM_OUTBOX_MAX_ATTEMPTS", 200),
             retention_days=_positive(env, "RETAILCRM_OUTBOX_RETENTION_DAYS", 7.0),
-            history_gather=_history_gather(env),
+            history_gather=_float(env, "RETAILCRM_OUTBOX_HISTORY_GATHER", 0.5),
             retry=BackoffPolicy(base=min(1.0, retry_cap), cap=retry_cap),
         )
     except ValueError as exc:

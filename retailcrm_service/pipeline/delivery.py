@@ -80,8 +80,8 @@ from vochi_crm_client import (
 logger = logging.getLogger(__name__)
 
 CALL_EVENT = "telephony/call/event"
-CLAIM_GAP = 0.01  # DeliveryConfig.claim_gap's default
 CALLS_UPLOAD = "telephony/calls/upload"
+CLAIM_GAP = 0.01  # DeliveryConfig.claim_gap's default
 _KEY_UNREADABLE = "API key cannot be decrypted (RETAILCRM_SECRET_KEY)"
 
 

@@ -544,9 +544,7 @@ UPDATE retailcrm_outbox o SET
     attempts = CASE WHEN u.op = 'history' THEN 0
                     WHEN u.op = 'later' THEN o.attempts - u.refund
                     ELSE o.attempts END,
-    due_at = CASE WHEN u.op = 'history' AND $8::float8 > 0
-                       THEN to_timestamp(ceil(extract(epoch FROM now())::float8 / $8) * $8)
-                  WHEN u.op = 'history' THEN now()
+    due_at = CASE WHEN u.op = 'history' THEN coalesce(to_timestamp($8::float8), now())
                   WHEN u.op = 'later' THEN now() + make_interval(secs => u.wait)
                   ELSE o.due_at END,
     state = CASE WHEN u.op = 'final' THEN u.result ELSE o.state END,
@@ -729,20 +727,15 @@ class OutboxStore:
             errors.append(outcome.error)
             waits.append(self._retry_delay(row, outcome) if op == "later" else 0.0)
             refunds.append(1 if result == "deferred" else 0)
-        await self._pool.execute(
-            _SETTLE,
-            self.owner,
-            ids,
-            ops,
-            results,
-            errors,
-            waits,
-            refunds,
-            self.config.history_gather,
-        )
         gather = self.config.history_gather
-        if gather > 0 and "history" in ops:  # the tick the database gave them (same clock)
-            self.history_tick = max(self.history_tick, math.ceil(time.time() / gather) * gather)
+        tick: float | None = None  # None: history rows are due at once
+        if gather > 0 and "history" in ops:
+            tick = math.ceil(time.time() / gather) * gather
+        await self._pool.execute(
+            _SETTLE, self.owner, ids, ops, results, errors, waits, refunds, tick
+        )
+        if tick is not None:
+            self.history_tick = max(self.history_tick, tick)
 
     def _exhausted(self, row: OutboxRow) -> bool:
         if row.attempts >= self.config.max_attempts:
