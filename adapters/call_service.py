@@ -40,7 +40,7 @@ from prometheus_client.registry import Collector
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from adapters.fastapi import crm_lifespan, operations_router
+from adapters.fastapi import crm_lifespan, crm_of, operations_router
 from adapters.translate import Skipped, Translator
 from retailcrm_service import __version__
 from retailcrm_service.crm.client import AioTransport
@@ -127,13 +127,6 @@ class _Headers:
                 self.content_length = value.decode("latin-1")
             elif name == b"x-request-id":
                 self.request_id = value.decode("latin-1")
-
-
-def _crm_of(scope: Scope) -> CrmClient:
-    crm = scope.get("state", {}).get("crm")
-    if not isinstance(crm, CrmClient):
-        raise RuntimeError("no CrmClient in the lifespan state: use crm_lifespan()")
-    return crm
 
 
 _CALL_ID: Final = re.compile(rb'"call_unique_id":"((?:[^"\\]|\\.)*)"')
@@ -285,7 +278,7 @@ class _Webhooks:
         token = headers.token or body.get("Token")
         if not isinstance(token, str) or not token.strip():
             return self.fail(401, "missing_token", "the Token header (or body field) is required")
-        crm = _crm_of(scope)
+        crm = crm_of(scope)
         number = await self._resolve(crm, token.strip())
         if not isinstance(number, str):
             return number

@@ -27,11 +27,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.types import Scope
 
 from vochi_crm_client import CrmClient
 from vochi_crm_client.prometheus import CrmClientCollector
 
-__all__ = ["CrmDep", "crm_lifespan", "get_crm", "operations_router"]
+__all__ = ["CrmDep", "crm_lifespan", "crm_of", "get_crm", "operations_router"]
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[dict[str, Any]]]
 
@@ -66,7 +67,12 @@ def crm_lifespan(
 
 def get_crm(request: Request) -> CrmClient:
     """The dependency: the ``CrmClient`` the lifespan opened."""
-    crm = getattr(request.state, "crm", None)
+    return crm_of(request.scope)
+
+
+def crm_of(scope: Scope) -> CrmClient:
+    """The ``CrmClient`` the lifespan opened, from a request's ASGI scope (for raw ASGI code)."""
+    crm = scope.get("state", {}).get("crm")
     if not isinstance(crm, CrmClient):
         raise RuntimeError("no CrmClient in the lifespan state: use crm_lifespan()")
     return crm
