@@ -319,9 +319,18 @@ async def test_one_by_one_retry_of_a_rejected_batch_hands_back_what_the_lease_ca
         DeliveryService(pool=pool, configs=Configs(pool), config=config, outbox=outbox)
         for _ in range(2)
     )
-    async with one, two, GroupCommitter(pool=pool, on_commit=one.wake) as committer:
+
+    async def all_claimed_by_one() -> bool:
+        owners = await db.fetch("SELECT lease_owner FROM retailcrm_outbox")
+        return [r["lease_owner"] for r in owners] == [one.store.owner] * 6
+
+    async with one, GroupCommitter(pool=pool, on_commit=one.wake) as committer:
         await committer.submit([_hangup(f"8.{i}", f"2025-11-26 10:0{i}:00") for i in range(6)])
-        await _until(lambda: _settled(db), timeout=30)
+        # The second instance starts once the first holds the whole batch: two claims running
+        # at the same moment may split the rows, and the refusal then meets a single call.
+        await _until(all_claimed_by_one)
+        async with two:
+            await _until(lambda: _settled(db), timeout=30)
     assert [r["state"] for r in await _rows(db)] == ["delivered"] * 6
     calls = crm.state()["accounts"]["test"]["calls"]
     assert sorted(c["externalId"] for c in calls) == [f"8.{i}" for i in range(6)]
