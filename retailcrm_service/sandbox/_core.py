@@ -64,8 +64,18 @@ class Outgoing:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+_local_zone: list[Any] = [None, 0.0]  # (the local zone, the epoch second it holds until)
+
+
 def _utc_now() -> datetime:
-    return datetime.now().astimezone()
+    """Now, in the machine's local zone (aware). ``datetime.now().astimezone()`` looks the zone
+    up on every call (twice per request); it is looked up once a minute instead, which follows
+    a daylight-saving change within the minute it happens on."""
+    now = time.time()
+    if now >= _local_zone[1]:
+        _local_zone[0] = datetime.fromtimestamp(now).astimezone().tzinfo
+        _local_zone[1] = (now // 60 + 1) * 60
+    return datetime.fromtimestamp(now, _local_zone[0])
 
 
 def _decode(value: Any) -> Any:

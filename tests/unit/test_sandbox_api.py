@@ -966,6 +966,42 @@ async def test_system_info_and_key_sites_in_credentials() -> None:
         assert (creds["siteAccess"], creds["sitesAvailable"]) == ("access_full", ["main", "second"])
 
 
+async def _raw(app: Any, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> Any:
+    """One request straight over ASGI, without a Host header (httpx always sends one)."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": headers,
+        "server": ("127.0.0.1", 8080),
+        "client": ("127.0.0.1", 50000),
+    }
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return sent[0]["status"], body
+
+
+async def test_an_api_call_without_a_host_header_links_to_the_servers_address() -> None:
+    app = make_app()
+    status, body = await _raw(app, "GET", "/api/system-info", [(b"x-api-key", KEY.encode())])
+    assert status == 200
+    assert json.loads(body)["publicUrl"] == "http://127.0.0.1:8080"
+
+
 async def test_unparseable_phone_finds_no_manager(crm: Crm) -> None:
     body = (await crm.get("/api/v5/telephony/manager", phone="<unknown>")).json()
     assert body == {"success": True}
