@@ -24,6 +24,7 @@ from typing import Any
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from retailcrm_service.ops.heap import freeze_startup_objects
 from retailcrm_service.sandbox import Sandbox, create_sandbox_app
 
 RECEIPTS = "/_bench/receipts"
@@ -115,6 +116,7 @@ def serve(port: int, accounts_path: str) -> None:
         seed = json.load(fh)
     app = create_sandbox_app(accounts=seed, rate_limit=True)
     logging.basicConfig(level=logging.WARNING)
+    freeze_startup_objects()
     uvicorn.run(
         Tap(app, app.state.sandbox),
         host="127.0.0.1",

@@ -18,6 +18,7 @@ import httpx
 import uvicorn
 from starlette.applications import Starlette
 
+from retailcrm_service.ops.heap import freeze_startup_objects
 from retailcrm_service.sandbox._config import SCOPES, SandboxConfig
 from retailcrm_service.sandbox._core import Sandbox
 from retailcrm_service.sandbox._http import create_sandbox_app
@@ -387,6 +388,7 @@ def serve(
         # Printed once for the operator; the sandbox itself only ever shows it masked.
         print(f"demo account API key: {generated}", flush=True)
     logger.info("sandbox.started accounts=%d rate_limit=%s", len(accounts), rate_limit)
+    freeze_startup_objects()
     server = uvicorn.Server(
         uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=1)
     )
