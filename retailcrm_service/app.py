@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from retailcrm_service import __version__
 from retailcrm_service.api import include_routers
+from retailcrm_service.api.events import EVENTS_PATH, serve_events
 from retailcrm_service.api.http import install_error_handlers
 from retailcrm_service.ops.logs import RequestIdMiddleware, register_secret
 from retailcrm_service.ops.metrics import Metrics
@@ -150,14 +151,18 @@ class _Sides:
         self.public_port = public_port
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] in ("http", "websocket") and self.public_port is not None:
-            server = scope.get("server")
-            if server is not None and server[1] == self.public_port:
-                scope[PUBLIC_SIDE] = True
-                if scope["type"] != "http" or not is_public_path(scope["path"]):
-                    await _not_found(scope, send)
-                    return
+        if scope["type"] in ("http", "websocket") and _on_port(scope, self.public_port):
+            scope[PUBLIC_SIDE] = True
+            if scope["type"] != "http" or not is_public_path(scope["path"]):
+                await _not_found(scope, send)
+                return
         await self.app(scope, receive, send)
+
+
+def _on_port(scope: Scope, port: int | None) -> bool:
+    """Whether the request came in on ``port`` (never when it is None)."""
+    server = scope.get("server")
+    return port is not None and server is not None and server[1] == port
 
 
 async def _not_found(scope: Scope, send: Send) -> None:
@@ -169,10 +174,33 @@ async def _not_found(scope: Scope, send: Send) -> None:
     await send({"type": "http.response.body", "body": _NOT_FOUND})
 
 
+class _ServiceApp(FastAPI):
+    """FastAPI, with the call services' ``POST /api/events`` answered before the middleware
+    stack (``api.events.serve_events``); everything else, the public side's requests included,
+    takes the usual way."""
+
+    def __init__(self, *, public_port: int | None, **options: Any) -> None:
+        super().__init__(**options)
+        self._public_port = public_port
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and scope["path"] == EVENTS_PATH
+            and not _on_port(scope, self._public_port)
+        ):
+            scope["app"] = self
+            await serve_events(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings, *, parts: Collection[str] = ALL_PARTS) -> FastAPI:
     """The service app; ``parts`` selects the optional components (default: all of them)."""
     metrics = Metrics()
-    app = FastAPI(
+    app = _ServiceApp(
+        public_port=settings.public_port,
         title="Vochi RetailCRM service",
         version=__version__,
         lifespan=_lifespan(frozenset(parts)),

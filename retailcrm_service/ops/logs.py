@@ -182,6 +182,11 @@ def new_request_id() -> str:
     return f"{_IDS.getrandbits(128):032x}"
 
 
+def request_id_of(scope: Scope) -> str:
+    """The request's ``X-Request-ID`` when usable, else a new id."""
+    return valid_request_id(_header(scope["headers"], b"x-request-id")) or new_request_id()
+
+
 class RequestIdMiddleware:
     """Takes ``X-Request-ID`` (or makes one), exposes it as ``REQUEST_ID`` and returns it."""
 
@@ -192,8 +197,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = _header(scope["headers"], b"x-request-id")
-        request_id = valid_request_id(given) or new_request_id()
+        request_id = request_id_of(scope)
         token = REQUEST_ID.set(request_id)
 
         async def send_with_id(message: Message) -> None:

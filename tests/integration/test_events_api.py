@@ -177,6 +177,33 @@ def test_unparseable_and_oversized_bodies_get_the_error_envelope(
     assert asyncio.run(_count(database_url)) == 0
 
 
+def test_intake_carries_the_request_id_and_is_counted_like_any_route(
+    service: InProcessService,
+) -> None:
+    """POST /api/events is answered ahead of the middleware stack; what the stack gives every
+    other route still holds: the request id, the error envelope, the route's metrics."""
+    ok = _post(service, fixture_events()[0], headers={"X-Request-ID": "batch-1"})
+    assert ok.status_code == 202
+    assert ok.headers["x-request-id"] == "batch-1"
+    bad = _post(service, None, content=b"[", headers={"X-Request-ID": "x y\tlevel=error"})
+    assert bad.status_code == 400
+    assert bad.json()["error"]["code"] == "invalid_json"
+    assert bad.headers["x-request-id"] not in ("", "x y\tlevel=error")
+    wrong_method = httpx.get(service.url + "/api/events", timeout=10)
+    assert wrong_method.status_code == 405
+    assert "x-request-id" in wrong_method.headers
+    metrics = httpx.get(service.url + "/metrics", timeout=10).text
+    for status in ("202", "400"):
+        line = next(
+            m
+            for m in metrics.splitlines()
+            if m.startswith("retailcrm_service_http_requests_total{")
+            and 'route="/api/events"' in m
+            and f'status="{status}"' in m
+        )
+        assert line.endswith(" 1.0"), line
+
+
 def test_health_shows_the_backlog_and_replay_redelivers(
     service: InProcessService, crm: SandboxServer, database_url: str
 ) -> None:
