@@ -465,6 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
     from retailcrm_service.ops.heap import freeze_startup_objects
+    from retailcrm_service.ops.http_server import UVICORN_OPTIONS
     from retailcrm_service.settings import log_format_from
 
     args = build_parser().parse_args(argv)
@@ -489,6 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_level=args.log_level.lower(),
         access_log=False,
         log_config=None,  # uvicorn's loggers go through the one handler of configure()
+        **UVICORN_OPTIONS,
     )
     return 0
 

@@ -228,6 +228,7 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     from retailcrm_service.ops.heap import freeze_startup_objects
+    from retailcrm_service.ops.http_server import UVICORN_OPTIONS
     from retailcrm_service.ops.instances import check_scale_out
     from retailcrm_service.storage.database import migrate
 
@@ -245,6 +246,7 @@ def serve(settings: Settings) -> None:
         "access_log": False,
         "proxy_headers": False,
         "log_config": None,
+        **UVICORN_OPTIONS,
     }
     with contextlib.suppress(KeyboardInterrupt):
         if settings.public_port is None:

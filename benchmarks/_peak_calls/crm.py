@@ -25,6 +25,7 @@ import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from retailcrm_service.ops.heap import freeze_startup_objects
+from retailcrm_service.ops.http_server import UVICORN_OPTIONS
 from retailcrm_service.sandbox import Sandbox, create_sandbox_app
 
 RECEIPTS = "/_bench/receipts"
@@ -124,4 +125,5 @@ def serve(port: int, accounts_path: str) -> None:
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=1,
+        **UVICORN_OPTIONS,
     )

@@ -19,6 +19,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from retailcrm_service.ops.heap import freeze_startup_objects
+from retailcrm_service.ops.http_server import UVICORN_OPTIONS
 from retailcrm_service.sandbox._config import SCOPES, SandboxConfig
 from retailcrm_service.sandbox._core import Sandbox
 from retailcrm_service.sandbox._http import create_sandbox_app
@@ -48,7 +49,12 @@ def _bind(host: str, port: int = 0) -> socket.socket:
 
 def _uvicorn(app: Starlette) -> _Server:
     config = uvicorn.Config(
-        app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=1
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=1,
+        **UVICORN_OPTIONS,
     )
     return _Server(config)
 
@@ -390,6 +396,12 @@ def serve(
     logger.info("sandbox.started accounts=%d rate_limit=%s", len(accounts), rate_limit)
     freeze_startup_objects()
     server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=1)
+        uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=1,
+            **UVICORN_OPTIONS,
+        )
     )
     server.run(sockets=[sock])
