@@ -26,6 +26,7 @@ in the error (``SettingsError``); command-line flags are applied over it by the 
 | ``RETAILCRM_OUTBOX_RETENTION_DAYS`` | ``7`` | how long settled rows are kept |
 | ``RETAILCRM_DELIVERY_POLL_INTERVAL`` | ``0.5`` | delivery's poll when no commit wakes it |
 | ``RETAILCRM_DELIVERY_BREAKER_OPEN_MAX`` | ``15`` | longest open period of an account's breaker |
+| ``RETAILCRM_DELIVERY_POPUP_CONCURRENCY`` | ``4`` | an account's popups in flight at once |
 | ``RETAILCRM_PACING_GENERAL_RPS`` | ``8`` | requests/s per API key (RetailCRM allows 10) |
 | ``RETAILCRM_PACING_TELEPHONY_RPS`` | ``32`` | telephony requests/s per key (RetailCRM: 40) |
 | ``RETAILCRM_DIALPLAN_RPS`` | ``20`` | dialplan lookups/s per enterprise (bursts of twice that) |
@@ -351,6 +352,7 @@ def pipeline_from(env: Mapping[str, str]) -> PipelineSettings:
         delivery = DeliveryConfig(
             poll_interval=poll_interval,
             claim_gap=min(CLAIM_GAP, poll_interval / 2),
+            popup_concurrency=_positive_int(env, "RETAILCRM_DELIVERY_POPUP_CONCURRENCY", 4),
             breaker=BreakerConfig(open_base=min(2.0, open_max), open_max=open_max),
             pacing=PacingConfig(
                 general_rps=_positive(env, "RETAILCRM_PACING_GENERAL_RPS", 8.0),

@@ -146,9 +146,36 @@ async def test_failing_account_opens_its_breaker_and_defers_without_spending_att
             return not any(r["lease_owner"] for r in rows)
 
         await _until(unheld)
-    # two real failures tripped it; everything else waits without using up its attempts
-    assert sum(attempts) == 2
+    # Two real failures tripped it; only requests already in flight beside them failed too
+    # (popup_concurrency at once), everything else waits without using up its attempts.
+    concurrency = service.config.popup_concurrency
+    assert 2 <= sum(attempts) <= 2 + concurrency - 1
+    assert attempts.count(0) >= len(attempts) - (2 + concurrency - 1)
     assert all(r["state"] == "pending" for r in await _rows(db))
+
+
+async def test_an_accounts_popups_are_sent_side_by_side_up_to_the_concurrency(
+    pool: asyncpg.Pool, db: asyncpg.Connection, crm: SandboxServer
+) -> None:
+    """With RetailCRM's answers slow (a distant account), one popup at a time would cap an
+    account at a few calls per second: up to popup_concurrency of its popups are in flight at
+    once, each of another call, and the key's pacer still spaces them."""
+    await add_enterprise(db, crm.url, crm.api_key)
+    crm.add_fault(endpoint="telephony/call/event", mode="latency", latency_ms=400)
+    service = _service(pool, popup_concurrency=3)
+    async with service, GroupCommitter(pool=pool, on_commit=service.wake) as committer:
+        await committer.submit([dial(f"13.{i}") for i in range(6)])
+        await _until(lambda: _settled(db))
+    assert [r["state"] for r in await _rows(db)] == ["delivered"] * 6
+    received = sorted(
+        r["receivedTs"]
+        for r in crm.state(requests=50)["requests"]
+        if r.get("endpoint") == "telephony/call/event"
+    )
+    assert len(received) == 6
+    # Three arrived within one answer's delay (400 ms), and never more than three.
+    in_flight = [sum(1 for t in received if start <= t < start + 0.4) for start in received]
+    assert max(in_flight) == 3
 
 
 async def test_a_stalled_account_does_not_hold_up_another_enterprise(

@@ -71,6 +71,11 @@ def test_delivery_defaults_and_a_short_poll_interval(tmp_path: Path) -> None:
         {**BASE, "RETAILCRM_DATA_DIR": str(tmp_path), "RETAILCRM_OUTBOX_HISTORY_GATHER": "0"}
     )
     assert at_once.pipeline.outbox.history_gather == 0.0
+    assert s.pipeline.delivery.popup_concurrency == 4
+    one = Settings.from_env(
+        {**BASE, "RETAILCRM_DATA_DIR": str(tmp_path), "RETAILCRM_DELIVERY_POPUP_CONCURRENCY": "1"}
+    )
+    assert one.pipeline.delivery.popup_concurrency == 1
 
 
 @pytest.mark.parametrize(
@@ -88,6 +93,8 @@ def test_delivery_defaults_and_a_short_poll_interval(tmp_path: Path) -> None:
         ("RETAILCRM_OUTBOX_HISTORY_GATHER", "-0.5"),
         ("RETAILCRM_OUTBOX_HISTORY_GATHER", "61"),
         ("RETAILCRM_OUTBOX_HISTORY_GATHER", "soon"),
+        ("RETAILCRM_DELIVERY_POPUP_CONCURRENCY", "0"),
+        ("RETAILCRM_DELIVERY_POPUP_CONCURRENCY", "2.5"),
     ],
 )
 def test_invalid_values_are_refused(name: str, value: str, tmp_path: Path) -> None:
