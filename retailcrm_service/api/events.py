@@ -18,6 +18,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from retailcrm_service.api.http import read_body, read_json
@@ -85,6 +86,9 @@ async def serve_events(scope: Scope, receive: Receive, send: Send) -> None:
             response = await post_events(request)
         except ApiError as exc:
             response = exc.response()
+        except ClientDisconnect:  # the caller went away mid-body: nobody to answer
+            status = 499
+            return
         except Exception:
             logger.exception("events.failed")
             response = error_response(500, "internal", "the events could not be handled")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -202,6 +203,25 @@ def test_intake_carries_the_request_id_and_is_counted_like_any_route(
             and f'status="{status}"' in m
         )
         assert line.endswith(" 1.0"), line
+
+
+def test_a_caller_gone_mid_body_is_counted_not_logged_as_a_failure(
+    service: InProcessService, caplog: pytest.LogCaptureFixture
+) -> None:
+    host, port = service.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(
+            b"POST /api/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n" + b'{"events": ['
+        )
+    metrics = ""
+    deadline = time.monotonic() + 10
+    while 'status="499"' not in metrics:
+        assert time.monotonic() < deadline, "the disconnect was never counted"
+        time.sleep(0.05)
+        metrics = httpx.get(service.url + "/metrics", timeout=10).text
+    assert not [r for r in caplog.records if r.getMessage().startswith("events.failed")]
+    assert _post(service, fixture_events()[0]).status_code == 202
 
 
 def test_health_shows_the_backlog_and_replay_redelivers(
