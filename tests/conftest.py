@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import pytest
 
+from retailcrm_service.ops.logs import HANDLER_NAME
 from tests.support.pg import EmbeddedPostgres, PgHarness
 
 
@@ -17,6 +19,22 @@ def pytest_pycollect_makeitem(collector: pytest.Collector, name: str, obj: objec
     """Mark every ``async def test_*`` for anyio before collection, so parametrize works too."""
     if inspect.iscoroutinefunction(obj) and collector.funcnamefilter(name):  # type: ignore[attr-defined]
         pytest.mark.anyio(obj)
+
+
+@pytest.fixture(autouse=True)
+def _root_log_handlers() -> Iterator[None]:
+    """The service's log handler, when a test installs it on the root logger, goes with the
+    test. ``retailcrm-service`` commands run in-process (``cli.main``) install it on the test's
+    captured stderr, which pytest closes when the test ends: a later test's server thread
+    logging through it printed "Logging error ... I/O operation on closed file"."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    level = root.level
+    yield
+    for handler in root.handlers[:]:
+        if handler.get_name() == HANDLER_NAME and handler not in before:
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

@@ -44,7 +44,7 @@ _EVENT_LINE: Final = re.compile(r"([a-z][\w.]*)((?: [\w.]+=(?:\"(?:[^\"\\]|\\.)*
 _FIELD: Final = re.compile(r"([\w.]+)=(\"(?:[^\"\\]|\\.)*\"|\S*)")
 _DSN_PASSWORD: Final = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]+@", re.IGNORECASE)
 _secrets: set[str] = set()
-_HANDLER_NAME: Final = "vochi-log"
+HANDLER_NAME: Final = "vochi-log"
 # Chatty third-party loggers: pgserver echoes initdb's output, httpx logs every request.
 _QUIET: Final = ("pgserver", "httpx", "httpcore")
 
@@ -150,10 +150,10 @@ def configure(
         raise ValueError(f"log format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(_Formatter(fmt))
-    handler.set_name(_HANDLER_NAME)
+    handler.set_name(HANDLER_NAME)
     root = logging.getLogger()
     for old in list(root.handlers):
-        if old.get_name() == _HANDLER_NAME:  # ours from an earlier call; others stay
+        if old.get_name() == HANDLER_NAME:  # ours from an earlier call; others stay
             root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
