@@ -80,9 +80,8 @@ class _RequestMetrics:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            self.metrics.http_requests.labels(template, scope["method"], str(status)).inc()
-            self.metrics.http_seconds.labels(template, scope["method"]).observe(
-                time.perf_counter() - started
+            self.metrics.observe_request(
+                template, scope["method"], status, time.perf_counter() - started
             )
 
 

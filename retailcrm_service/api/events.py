@@ -99,8 +99,7 @@ async def serve_events(scope: Scope, receive: Receive, send: Send) -> None:
         REQUEST_ID.reset(reset)
         metrics = getattr(request.app.state, "metrics", None)
         if metrics is not None:
-            metrics.http_requests.labels(EVENTS_PATH, "POST", str(status)).inc()
-            metrics.http_seconds.labels(EVENTS_PATH, "POST").observe(time.perf_counter() - started)
+            metrics.observe_request(EVENTS_PATH, "POST", status, time.perf_counter() - started)
 
 
 @router.post(EVENTS_PATH, status_code=202)

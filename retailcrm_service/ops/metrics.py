@@ -255,6 +255,11 @@ class Metrics:
         self._sources: dict[str, StatsSource] = {}
         self.registry.register(_ServiceCollector(self))
 
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        """One HTTP request served: ``route`` is its template, never the raw path."""
+        self.http_requests.labels(route, method, str(status)).inc()
+        self.http_seconds.labels(route, method).observe(seconds)
+
     def observe_crm(self, path: str, status: int | None, error: str | None, seconds: float) -> None:
         """Count and time one request to RetailCRM (``CrmHttp``'s observer)."""
         endpoint = crm_endpoint(path)
