@@ -90,6 +90,14 @@ async def _answer(
     return _render(await sandbox.handle(incoming))
 
 
+def _headers(scope: Scope) -> dict[bytes, bytes]:
+    """The request's headers by name; of a repeated one the first, as Starlette's ``get``."""
+    headers: dict[bytes, bytes] = {}
+    for name, value in scope["headers"]:
+        headers.setdefault(name, value)
+    return headers
+
+
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -119,9 +127,7 @@ def _api_route(sandbox: Sandbox) -> Callable[[Request], Awaitable[Response]]:
             form, content_type = await _form_pairs(request)
         except ApiError as exc:
             return _json(exc.status, exc.body())
-        return await _answer(
-            sandbox, request.scope, dict(request.scope["headers"]), form, content_type
-        )
+        return await _answer(sandbox, request.scope, _headers(request.scope), form, content_type)
 
     return api
 
@@ -143,7 +149,7 @@ class _SandboxApp(Starlette):
             and scope["method"] in _API_METHODS
             and not scope["path"].startswith("/_sandbox/")
         ):
-            headers = dict(scope["headers"])  # a repeated header: the first, as Starlette's
+            headers = _headers(scope)
             content_type = headers.get(b"content-type", b"").decode("latin-1")
             if _media_type(content_type) != "multipart/form-data":
                 await self._api(scope, receive, send, headers, content_type)

@@ -1002,6 +1002,15 @@ async def test_an_api_call_without_a_host_header_links_to_the_servers_address() 
     assert json.loads(body)["publicUrl"] == "http://127.0.0.1:8080"
 
 
+async def test_of_a_repeated_api_key_header_the_first_counts() -> None:
+    app = make_app()
+    first_valid = [(b"x-api-key", KEY.encode()), (b"x-api-key", b"wrong-key-0123456789")]
+    status, _ = await _raw(app, "GET", "/api/credentials", first_valid)
+    assert status == 200
+    status, _ = await _raw(app, "GET", "/api/credentials", first_valid[::-1])
+    assert status != 200
+
+
 async def test_unparseable_phone_finds_no_manager(crm: Crm) -> None:
     body = (await crm.get("/api/v5/telephony/manager", phone="<unknown>")).json()
     assert body == {"success": True}
