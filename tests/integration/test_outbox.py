@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
+from retailcrm_service.pipeline import outbox as outbox_module
 from retailcrm_service.pipeline.outbox import (
     GroupCommitter,
     GroupSettler,
@@ -519,3 +520,34 @@ async def test_the_outbox_is_vacuumed_and_analyzed_as_a_queue(db: asyncpg.Connec
     )
     assert "autovacuum_analyze_scale_factor=0.02" in options
     assert "autovacuum_vacuum_scale_factor=0.02" in options
+
+
+async def test_a_claim_probes_the_calls_it_takes_and_never_scans_the_outbox(
+    pool: asyncpg.Pool, db: asyncpg.Connection
+) -> None:
+    """The claim's per-call lookups (an earlier pending row, a hangup before a dial, the dial
+    that opened a hangup's card) and the update of the rows it took are index probes: with only
+    equalities PostgreSQL ran ``card_opened`` as one hashed scan of the whole outbox per claim,
+    and the update as a hash join over another, a cost that grew with the retention."""
+    await db.execute(
+        """INSERT INTO retailcrm_outbox (enterprise_number, idempotency_key, kind, call_unique_id,
+                                         event_type, payload, state, finished_at)
+           SELECT '0367', 'old-' || i || '-' || t, 'popup', 'old.' || i, t, '{}', 'delivered', now()
+           FROM generate_series(1, 3000) AS i, unnest(ARRAY['dial', 'hangup']) AS t"""
+    )
+    async with GroupCommitter(pool=pool) as committer:
+        await committer.submit([event("dial", f"C.{i}") for i in range(40)])
+    store = OutboxStore(pool=pool, owner="w")
+    for row in await store.claim(100):
+        await store.settle([Outcome(row, "delivered")])
+    async with GroupCommitter(pool=pool) as committer:
+        await committer.submit([event("hangup", f"C.{i}") for i in range(40)])
+    await db.execute("ANALYZE retailcrm_outbox")
+    plan = "\n".join(
+        r[0] for r in await db.fetch("EXPLAIN " + outbox_module._CLAIM, "w", 200, 60.0, [])
+    )
+    assert "Seq Scan" not in plan, plan
+    assert "hashed" not in plan, plan
+    taken = await store.claim(100)
+    assert len(taken) == 40
+    assert {(r.event_type, r.card_opened) for r in taken} == {("hangup", True)}
