@@ -292,6 +292,17 @@ def usage(before: dict[str, Any], loaded: dict[str, Any], after: dict[str, Any])
     }
 
 
+def cpu_ms_per_call(step: dict[str, Any], load: float) -> dict[str, float]:
+    """CPU milliseconds per call of each process kind at ``load`` calls/s, the simulated hosts,
+    and ``ours_and_postgres``: the figure to size a box by (the sandbox and the hosts stand in
+    for RetailCRM and Asterisk, which run elsewhere)."""
+    per_call = {k: v * 10 / load for k, v in step["cpu_pct"].items()}
+    out = {k: round(v, 2) for k, v in sorted(per_call.items())}
+    out["hosts"] = round(step["host_cpu_pct"] * 10 / load, 2)
+    out["ours_and_postgres"] = round(sum(v for k, v in per_call.items() if k != "sandbox"), 2)
+    return out
+
+
 def _kind(name: str) -> str:
     for kind in ("call-service", "service"):
         if f"-{kind}-" in f"{name}-":
@@ -559,6 +570,7 @@ async def probe(bench: Bench, plan: Plan) -> dict[str, Any]:
     bench.progress.close()
     out = {"bench": "peak_calls", "probe": True, "load_calls_per_s": plan.load}
     out.update({k: v for k, v in figures.items() if not k.startswith("_")})
+    out["cpu_ms_per_call"] = cpu_ms_per_call(figures, plan.load)
     return out
 
 
@@ -679,6 +691,7 @@ async def run(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
         "host_cpu_pct": steady["host_cpu_pct"],
         "host_lag_p99_ms": steady["host_lag_p99_ms"],
         "cpu_pct": steady["cpu_pct"],
+        "cpu_ms_per_call": cpu_ms_per_call(steady, plan.load),
         "rss_mib": steady["rss_mib"],
         "other_cpu_pct": steady["other_cpu_pct"],
         # Other work on the cores during the knee searches and the steady run, at its worst:

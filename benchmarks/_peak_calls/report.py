@@ -101,16 +101,24 @@ def table(
             f"{_num(recovery, 11, 1) if 'fault_s' in s else f'{chr(45):>11}'}  {reasons}"
         )
     print()
-    print(f"processes at {figures['load_calls_per_s']:g} calls/s (steady): CPU %, peak RSS MiB")
+    per_call = figures["cpu_ms_per_call"]
+    print(
+        f"processes at {figures['load_calls_per_s']:g} calls/s (steady): CPU % of a core, "
+        "CPU ms per call, peak RSS MiB"
+    )
     for kind in sorted(steady["cpu_pct"]):
         print(
-            f"  {kind:<16}{steady['cpu_pct'][kind]:>7.1f} %"
+            f"  {kind:<16}{steady['cpu_pct'][kind]:>7.1f} %{per_call[kind]:>7.2f} ms"
             f"{steady['rss_mib'].get(kind, 0.0):>9.0f} MiB"
         )
     print(
-        f"  {'hosts (sim)':<16}{steady['host_cpu_pct']:>7.1f} %   lag p99 "
-        f"{steady['host_lag_p99_ms']:.1f} ms (the load generator is not the bottleneck "
-        "while these stay low)"
+        f"  {'hosts (sim)':<16}{steady['host_cpu_pct']:>7.1f} %{per_call['hosts']:>7.2f} ms"
+        f"   lag p99 {steady['host_lag_p99_ms']:.1f} ms (the load generator is not the "
+        "bottleneck while these stay low)"
+    )
+    print(
+        f"  {'ours + PG':<16}{'':>9}{per_call['ours_and_postgres']:>7.2f} ms   (what a box without "
+        "the stand-ins carries: cores ~ calls/s x this / 1000, plus headroom)"
     )
     print(f"  {'other work':<16}{steady['other_cpu_pct']:>7.1f} %   (not ours: shares the cores)")
     print(

@@ -23,6 +23,7 @@ PEAK_CALLS_KEYS = {
     "lost",
     "crm_rate_limited",
     "crm_requests_per_call",
+    "cpu_ms_per_call",
     "knee_calls_per_s",
     "naive_knee_calls_per_s",
     "ratio",

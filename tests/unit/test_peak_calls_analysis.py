@@ -177,3 +177,23 @@ def test_the_simulator_reads_a_response_by_its_content_length(
     assert status == expected
     assert body in (b'{"status":"queued"}', b"{}", b"abcd")
     assert closed == (b"connection: close" in b"".join(chunks))
+
+
+def test_cpu_per_call_sizes_the_system_without_the_stand_ins() -> None:
+    """CPU ms per call, per process kind; ``ours_and_postgres`` is what a production box carries
+    (the sandbox stands in for RetailCRM's cloud and the hosts for Asterisk)."""
+    from peak_calls import cpu_ms_per_call
+
+    step = {
+        "cpu_pct": {"call-service": 30.0, "postgres": 20.0, "sandbox": 15.0, "service": 50.0},
+        "host_cpu_pct": 8.0,
+    }
+    assert cpu_ms_per_call(step, 100.0) == {
+        "call-service": 3.0,
+        "hosts": 0.8,
+        "postgres": 2.0,
+        "sandbox": 1.5,
+        "service": 5.0,
+        "ours_and_postgres": 10.0,
+    }
+    assert cpu_ms_per_call(step, 200.0)["ours_and_postgres"] == 5.0
