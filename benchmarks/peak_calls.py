@@ -295,7 +295,8 @@ def usage(before: dict[str, Any], loaded: dict[str, Any], after: dict[str, Any])
 def cpu_ms_per_call(step: dict[str, Any], load: float) -> dict[str, float]:
     """CPU milliseconds per call of each process kind at ``load`` calls/s, the simulated hosts,
     and ``ours_and_postgres``: the figure to size a box by (the sandbox and the hosts stand in
-    for RetailCRM and Asterisk, which run elsewhere)."""
+    for RetailCRM and Asterisk, which run elsewhere). PostgreSQL counts only when it is measured
+    (not with a ``DATABASE_URL`` on another machine)."""
     per_call = {k: v * 10 / load for k, v in step["cpu_pct"].items()}
     out = {k: round(v, 2) for k, v in sorted(per_call.items())}
     out["hosts"] = round(step["host_cpu_pct"] * 10 / load, 2)
