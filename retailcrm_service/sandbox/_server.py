@@ -47,16 +47,20 @@ def _bind(host: str, port: int = 0) -> socket.socket:
     return sock
 
 
-def _uvicorn(app: Starlette) -> _Server:
-    config = uvicorn.Config(
+def _config(app: Starlette, **options: Any) -> uvicorn.Config:
+    """How every sandbox server runs uvicorn (``options`` add to it)."""
+    return uvicorn.Config(
         app,
         log_level="warning",
         access_log=False,
-        lifespan="on",
         timeout_graceful_shutdown=1,
         **UVICORN_OPTIONS,
+        **options,
     )
-    return _Server(config)
+
+
+def _uvicorn(app: Starlette) -> _Server:
+    return _Server(_config(app, lifespan="on"))
 
 
 def _accounts(
@@ -395,13 +399,4 @@ def serve(
         print(f"demo account API key: {generated}", flush=True)
     logger.info("sandbox.started accounts=%d rate_limit=%s", len(accounts), rate_limit)
     freeze_startup_objects()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            log_level="warning",
-            access_log=False,
-            timeout_graceful_shutdown=1,
-            **UVICORN_OPTIONS,
-        )
-    )
-    server.run(sockets=[sock])
+    uvicorn.Server(_config(app)).run(sockets=[sock])
